@@ -1,0 +1,69 @@
+"""Skulk's core: hook specs, the plugin manager, the node runtime, placement and the pipeline.
+
+Plugins import only what this module exports.
+"""
+
+from skulk_core.backend import (
+    Backend,
+    BackendCapabilities,
+    EmbeddingEngine,
+    Engine,
+    EngineOptions,
+    SequenceChunk,
+    StageOutput,
+    Tokenizer,
+)
+from skulk_core.config import Config, ConfigLoader, parse_size
+from skulk_core.errors import (
+    AuthenticationError,
+    BackendError,
+    ConfigError,
+    DuplicateNameError,
+    ModelError,
+    PlacementError,
+    PluginError,
+    ProtocolError,
+    RequestError,
+    SkulkError,
+    TransportError,
+)
+from skulk_core.hookspecs import hookimpl, hookspec
+from skulk_core.identity import NodeIdentity
+from skulk_core.model import DEFAULT_MODEL_ID, ModelCard, ModelFiles, ModelSource, default_model_path
+from skulk_core.placement import (
+    Accelerator,
+    NodeResources,
+    NodeView,
+    Placement,
+    PlacementPreview,
+    PlacementRequest,
+    ShardRange,
+    StageAssignment,
+)
+from skulk_core.registry import (
+    BackendRegistry,
+    CommandRegistry,
+    ConfigSectionRegistry,
+    HttpRegistry,
+    ServiceRegistry,
+    TransportRegistry,
+)
+from skulk_core.storage import LocalModel, ModelResolver, ReadyFiles
+from skulk_core.telemetry import ClusterEvent, MetricSample, TraceSpan
+from skulk_core.tensor import Tensor
+from skulk_core.transport import ByteStream, Connection, PeerAnnouncement, Transport, TransportContext
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Accelerator", "AuthenticationError", "Backend", "BackendCapabilities", "BackendError",
+    "BackendRegistry", "ByteStream", "ClusterEvent", "CommandRegistry", "Config", "ConfigError",
+    "ConfigLoader", "ConfigSectionRegistry", "Connection", "DEFAULT_MODEL_ID", "DuplicateNameError",
+    "EmbeddingEngine", "Engine", "EngineOptions", "HttpRegistry", "LocalModel", "MetricSample",
+    "ModelCard", "ModelError", "ModelFiles", "ModelResolver", "ModelSource", "NodeIdentity",
+    "NodeResources", "NodeView", "PeerAnnouncement", "Placement", "PlacementError",
+    "PlacementPreview", "PlacementRequest", "PluginError", "ProtocolError", "ReadyFiles",
+    "RequestError", "SequenceChunk", "ServiceRegistry", "ShardRange", "SkulkError", "StageAssignment",
+    "StageOutput", "Tensor", "Tokenizer", "TraceSpan", "Transport", "TransportContext",
+    "TransportError", "TransportRegistry", "default_model_path", "hookimpl", "hookspec",
+]

@@ -1,0 +1,3 @@
+from skulk_core.cli import main
+
+main()

@@ -1,0 +1,151 @@
+"""The backend contract: what a backend plugin registers and what its engines do.
+
+A backend loads a *shard* (a contiguous layer range, or the whole model) and returns an
+:class:`Engine`. The core owns the loop around engines: it batches requests, moves activations
+between stages, samples from the last stage's logits and detokenizes, so every backend and every
+placement samples identically.
+
+One engine step advances several sequences at once (continuous batching). A chunk holding many
+positions is a prefill, a chunk holding one is a decode step; an engine may get both in one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from attrs import field, frozen
+
+from skulk_core.model import ModelCard, ModelFiles
+from skulk_core.placement import ShardRange
+from skulk_core.tensor import Tensor
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+@frozen
+class BackendCapabilities:
+    """What a backend can do, read by placement before anything is loaded."""
+
+    formats: frozenset[str] = field(converter=frozenset)  # "gguf", "safetensors"
+    layer_ranges: bool  # can run a partial layer range, so it can be one stage of a pipeline
+    devices: tuple[str, ...] = field(converter=tuple)  # devices usable on this node: "cpu", "cuda", ...
+    batching: bool = False  # advances several sequences in one step
+    embeddings: bool = False  # whole-model engines may compute embeddings
+    architectures: frozenset[str] | None = field(
+        default=None, converter=lambda v: None if v is None else frozenset(v)
+    )  # None: any architecture the format allows
+
+
+@frozen
+class EngineOptions:
+    """How to load a shard. ``settings`` holds the backend's own config section, if it has one."""
+
+    context_length: int
+    max_sequences: int = 8
+    threads: int | None = None  # None: the backend's default
+    device: str | None = None  # None: the best device the backend finds
+    settings: object | None = None
+
+
+@frozen
+class SequenceChunk:
+    """Positions ``[position, position + n)`` of one request's sequence, fed to one stage.
+
+    The first stage gets ``tokens``; later stages get ``hidden`` (shape ``(n, hidden_size)``), the
+    previous stage's output for the same positions. ``position`` is where the chunk starts in the
+    sequence; everything before it is already in the engine's KV cache for ``request_id``.
+    """
+
+    request_id: str
+    position: int
+    tokens: tuple[int, ...] | None = field(default=None, converter=lambda t: None if t is None else tuple(t))
+    hidden: Tensor | None = None
+    want_logits: bool = True  # the last stage returns logits for the chunk's last position
+
+    @property
+    def length(self) -> int:
+        if self.tokens is not None:
+            return len(self.tokens)
+        if self.hidden is not None:
+            return self.hidden.shape[0]
+        return 0
+
+
+@frozen
+class StageOutput:
+    """What one stage produced for one chunk: ``hidden`` (not last stage) or ``logits`` (last)."""
+
+    request_id: str
+    hidden: Tensor | None = None
+    logits: np.ndarray | None = field(default=None, eq=False, repr=False)  # float32, (vocab_size,)
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """The model's own tokenizer, provided by the backend that runs the first stage."""
+
+    bos_token_id: int | None
+    eos_token_ids: frozenset[int]
+    vocab_size: int
+
+    def encode(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Tokens for ``text``; ``add_special`` adds BOS where the model wants it."""
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token (a token may hold part of a UTF-8 character)."""
+
+    def is_control(self, token_id: int) -> bool:
+        """True for control tokens (BOS, EOS, chat markers) that are never shown as text."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A loaded shard. Methods are called from one task at a time; blocking compute inside them
+    must run off the event loop (``anyio.to_thread.run_sync``)."""
+
+    shard: ShardRange
+    context_length: int  # positions per sequence
+    max_sequences: int  # sequences that may hold KV cache at once
+    tokenizer: Tokenizer | None  # set on the first stage
+
+    async def step(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]:
+        """Run every chunk through this shard's layers, in one batch where the engine can.
+
+        Returns one output per chunk, in order. Each chunk extends its request's KV cache.
+        """
+
+    async def release(self, request_id: str) -> None:
+        """Forget ``request_id``'s KV cache (finished, cancelled, or its client went away)."""
+
+    async def close(self) -> None:
+        """Free everything the engine holds."""
+
+
+@runtime_checkable
+class EmbeddingEngine(Protocol):
+    """Optionally implemented by whole-model engines whose backend declares ``embeddings``."""
+
+    async def embed(self, tokens: Sequence[int]) -> list[float]:
+        """One pooled, L2-normalised embedding for ``tokens``."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a backend factory returns. Constructing one must be cheap: heavy libraries are
+    imported in :meth:`load`, not at import or construction time."""
+
+    name: str
+    capabilities: BackendCapabilities
+
+    def supports(self, card: ModelCard) -> str | None:
+        """None if this backend can run ``card``, else the reason it cannot (shown to users)."""
+
+    def estimate_memory(self, card: ModelCard, shard: ShardRange, options: EngineOptions) -> int:
+        """Bytes a loaded shard will hold: weights, KV cache for the options, runtime overhead."""
+
+    async def load(
+        self, card: ModelCard, files: ModelFiles, shard: ShardRange, options: EngineOptions
+    ) -> Engine:
+        """Load ``shard`` of the model from ``files`` and return a ready engine."""

@@ -1,0 +1,138 @@
+"""Builtin placement plugin: memory-weighted pipeline placement.
+
+Choose the fewest nodes (at least ``min_nodes``) whose usable memory, less a safety margin, holds
+the model; split the layers in proportion to each node's usable memory, at least one layer each.
+Usable memory is the node's available memory, capped by its ``--memory-limit``. The memory a stage
+needs comes from its backend's estimate (weights for its layers, KV cache for the configured context
+and sequences, runtime overhead). It runs last, so any other placement plugin can take precedence.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from skulk_core.backend import EngineOptions
+from skulk_core.errors import PlacementError
+from skulk_core.hookspecs import hookimpl
+from skulk_core.model import ModelCard
+from skulk_core.placement import (
+    NodeView,
+    Placement,
+    PlacementPreview,
+    PlacementRequest,
+    ShardRange,
+    StageAssignment,
+)
+from skulk_core.registry import BackendRegistry
+
+SAFETY_MARGIN = 0.05  # of each node's usable memory, left free
+GIB = 1024**3
+
+
+def split_layers(n_layers: int, weights: Sequence[int]) -> list[tuple[int, int]]:
+    """Split ``n_layers`` into contiguous ranges proportional to ``weights``, at least one each.
+
+    Largest-remainder rounding, so the split is deterministic and sums exactly to ``n_layers``.
+    """
+    count = len(weights)
+    if count > n_layers:
+        raise ValueError(f"cannot split {n_layers} layers over {count} nodes")
+    total = sum(max(w, 1) for w in weights)
+    spare = n_layers - count  # one layer each is given first
+    raw = [spare * max(w, 1) / total for w in weights]
+    shares = [1 + int(r) for r in raw]
+    left = n_layers - sum(shares)
+    by_remainder = sorted(range(count), key=lambda i: (-(raw[i] - int(raw[i])), i))
+    for i in by_remainder[:left]:
+        shares[i] += 1
+    ranges, start = [], 0
+    for share in shares:
+        ranges.append((start, start + share))
+        start += share
+    return ranges
+
+
+def _fmt(n: int) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024**2:.1f} MiB"
+
+
+def _choose_backend(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest, backends: BackendRegistry) -> str:
+    names = [request.backend] if request.backend else [b for b in card.backends if b in backends] + [
+        b for b in backends.names() if b not in card.backends
+    ]
+    reasons = []
+    for name in names:
+        if name not in backends:
+            reasons.append(f"{name}: not installed (registered backends: {', '.join(backends.names()) or 'none'})")
+            continue
+        why_not = backends.backend(name).supports(card)
+        if why_not:
+            reasons.append(f"{name}: {why_not}")
+            continue
+        if not any(name in n.resources.backends for n in nodes):
+            reasons.append(f"{name}: no live node runs it")
+            continue
+        return name
+    raise PlacementError(f"no backend can run {card.id}: " + "; ".join(reasons or ["no backend is registered"]))
+
+
+def _plans(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest, backends: BackendRegistry):  # type: ignore[no-untyped-def]
+    """Yield (node_count, Placement | None, reason) for every node count worth trying."""
+    backend_name = _choose_backend(card, nodes, request, backends)
+    backend = backends.backend(backend_name)
+    candidates = sorted(
+        (
+            n
+            for n in nodes
+            if not n.excluded and n.node_id not in request.exclude_nodes and backend_name in n.resources.backends
+        ),
+        key=lambda n: (-n.resources.usable_memory, n.node_id),
+    )
+    options = EngineOptions(
+        context_length=request.context_length or card.context_length, max_sequences=request.max_sequences
+    )
+    most = min(len(candidates), card.n_layers, request.max_nodes or len(candidates))
+    if not backend.capabilities.layer_ranges:
+        most = min(most, 1)
+    if request.min_nodes > most:
+        why = (
+            f"{backend_name} cannot split a model into layer ranges"
+            if not backend.capabilities.layer_ranges
+            else f"only {len(candidates)} eligible node(s)"
+        )
+        yield request.min_nodes, None, f"{request.min_nodes} node(s) requested but {why}"
+        return
+    for count in range(max(request.min_nodes, 1), most + 1):
+        chosen = candidates[:count]
+        ranges = split_layers(card.n_layers, [n.resources.usable_memory for n in chosen])
+        stages, problems = [], []
+        for node, (start, end) in zip(chosen, ranges):
+            shard = ShardRange(start, end, card.n_layers)
+            need = backend.estimate_memory(card, shard, options)
+            have = int(node.resources.usable_memory * (1 - SAFETY_MARGIN))
+            if need > have:
+                problems.append(f"{node.name} ({node.node_id}) needs {_fmt(need)} for layers {start}-{end - 1}, has {_fmt(have)}")
+            stages.append(StageAssignment(node.node_id, shard, backend_name))
+        if problems:
+            yield count, None, f"{count} node(s): " + "; ".join(problems)
+        else:
+            yield count, Placement(uuid.uuid4().hex[:12], card.id, stages), None
+
+
+@hookimpl(trylast=True)
+def skulk_place(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest, backends: BackendRegistry) -> Placement | None:
+    reasons = []
+    for _, placement, reason in _plans(card, nodes, request, backends):
+        if placement is not None:
+            return placement
+        reasons.append(reason)
+    raise PlacementError(f"nothing can hold {card.id} ({_fmt(card.bytes_on_disk)} on disk): " + " | ".join(reasons))
+
+
+@hookimpl
+def skulk_placement_previews(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest, backends: BackendRegistry) -> list[PlacementPreview]:
+    try:
+        return [PlacementPreview(placement, reason) for _, placement, reason in _plans(card, nodes, request, backends)]
+    except PlacementError as exc:
+        return [PlacementPreview(None, str(exc))]

@@ -1,0 +1,203 @@
+"""The ``skulk`` command: ``run``, ``plugins``, ``config`` and the subcommands plugins add."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+import click
+
+from skulk_core.errors import SkulkError
+
+log = logging.getLogger("skulk")
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    logging.getLogger("hypercorn.error").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def plugin_options(func: Any) -> Any:
+    """``--config``, ``--plugin``, ``--no-plugin`` and ``--no-autoload``, shared by commands."""
+    func = click.option("--no-autoload", is_flag=True, default=None, flag_value=True, help="Load no entry-point plugins (builtins and --plugin still load).")(func)
+    func = click.option("--no-plugin", "blocked", multiple=True, metavar="NAME", help="Block a plugin by name (repeatable).")(func)
+    func = click.option("--plugin", "plugins", multiple=True, metavar="NAME", help="Load a plugin: an entry point name, a module, or a .py file (repeatable); loads it even if blocked.")(func)
+    func = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, envvar="SKULK_CONFIG", help="skulk.yaml to read (default: ./skulk.yaml if present).")(func)
+    return func
+
+
+class SkulkGroup(click.Group):
+    """Adds the commands plugins register, loading plugins only when a command is looked up."""
+
+    _plugin_commands: dict[str, click.Command] | None = None
+
+    def _load_plugin_commands(self) -> dict[str, click.Command]:
+        if self._plugin_commands is None:
+            self._plugin_commands = {}
+            try:
+                from skulk_core.config import ConfigLoader
+                from skulk_core.plugins import PluginSelection, make_plugin_manager
+
+                core = ConfigLoader.from_file().resolve(strict=False)
+                plugins = make_plugin_manager(
+                    PluginSelection.from_environment(plugins=core.plugins.load, blocked=core.plugins.block, autoload=core.plugins.autoload)
+                )
+                for entry in plugins.commands():
+                    if entry.name in self.commands:
+                        raise SkulkError(f"plugin {entry.plugin!r} registers the command {entry.name!r}, which is built in")
+                    self._plugin_commands[entry.name] = entry.value
+            except SkulkError as exc:
+                click.echo(f"warning: plugin commands unavailable: {exc}", err=True)
+        return self._plugin_commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._load_plugin_commands()})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is None:
+            command = self._load_plugin_commands().get(name)
+        return command
+
+
+def _version() -> str:
+    from skulk_core import __version__
+
+    return __version__
+
+
+@click.group(cls=SkulkGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", "-V", prog_name="skulk", message="%(prog)s %(version)s")
+def cli() -> None:
+    """Skulk: run one large language model across several ordinary machines."""
+
+
+@cli.command()
+@plugin_options
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Node data dir [default: ~/.skulk; env SKULK_HOME].")
+@click.option("--node-name", default=None, help="Human name of this node [default: host name].")
+@click.option("--api-host", default=None, help="HTTP API address [default: 127.0.0.1].")
+@click.option("--api-port", type=int, default=None, help="HTTP API port [default: 52415].")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on the HTTP API [env SKULK_API_KEY].")
+@click.option("--model", default=None, help="Model to serve: an id or a GGUF path [default: the default model].")
+@click.option("--backend", default=None, help="Backend to run the model with [default: the first that supports it].")
+@click.option("--min-nodes", type=int, default=None, help="Spread the model over at least N nodes.")
+@click.option("--memory-limit", default=None, help="Memory this node may give to models, e.g. 4GiB.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+def run(
+    config_path: str | None,
+    plugins: tuple[str, ...],
+    blocked: tuple[str, ...],
+    no_autoload: bool | None,
+    data_dir: str | None,
+    node_name: str | None,
+    api_host: str | None,
+    api_port: int | None,
+    api_key: str | None,
+    model: str | None,
+    backend: str | None,
+    min_nodes: int | None,
+    memory_limit: str | None,
+    log_level: str | None,
+) -> None:
+    """Start a node and run it until SIGINT or SIGTERM."""
+    import anyio
+
+    from skulk_core.config import ConfigLoader
+    from skulk_core.node import build_node
+
+    cli_values = {
+        "node": {"data_dir": data_dir, "name": node_name, "memory_limit": memory_limit, "log_level": log_level},
+        "api": {"host": api_host, "port": api_port, "key": api_key},
+        "serve": {"model": model, "backend": backend, "min_nodes": min_nodes},
+    }
+    try:
+        loader = ConfigLoader.from_file(config_path, cli=cli_values)
+        node = build_node(loader, plugins=plugins, blocked=blocked, autoload=False if no_autoload else None)
+    except SkulkError as exc:
+        raise click.ClickException(str(exc)) from None
+    _setup_logging(node.config.node.log_level)
+
+    async def main() -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
+                await tg.start(node.run)
+                log.info("node %s (%s) ready; HTTP API on %s", node.node_id, node.name, node.api_url)
+                click.echo(f"skulk node {node.node_id} ready: {node.api_url}", err=True)
+                async for signum in signals:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    tg.cancel_scope.cancel()
+                    break
+
+    try:
+        anyio.run(main)
+    except SkulkError as exc:
+        raise click.ClickException(str(exc)) from None
+    log.info("node %s stopped", node.node_id)
+
+
+@cli.command(name="plugins")
+@plugin_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plugins_command(config_path: str | None, plugins: tuple[str, ...], blocked: tuple[str, ...], no_autoload: bool | None, as_json: bool) -> None:
+    """List loaded plugins: name, distribution, version and the hooks each implements."""
+    from skulk_core.config import ConfigLoader
+    from skulk_core.plugins import PluginSelection, make_plugin_manager
+
+    try:
+        core = ConfigLoader.from_file(config_path).resolve(strict=False)
+        selection = PluginSelection.from_environment(
+            plugins=(*core.plugins.load, *plugins),
+            blocked=(*core.plugins.block, *blocked),
+            autoload=False if no_autoload else core.plugins.autoload,
+        )
+        infos = make_plugin_manager(selection).describe()
+    except SkulkError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps([
+            {"name": i.name, "source": i.source, "distribution": i.distribution, "version": i.version, "target": i.target, "hooks": list(i.hooks)}
+            for i in infos
+        ], indent=2))
+        return
+    rows = [("NAME", "SOURCE", "DISTRIBUTION", "VERSION", "HOOKS")]
+    rows += [(i.name, i.source, i.distribution or "-", i.version or "-", ", ".join(h.removeprefix("skulk_") for h in i.hooks)) for i in infos]
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row[:4])) + "  " + row[4])
+
+
+@cli.command(name="config")
+@plugin_options
+def config_command(config_path: str | None, plugins: tuple[str, ...], blocked: tuple[str, ...], no_autoload: bool | None) -> None:
+    """Print the configuration this node would run with (file, overrides and environment applied)."""
+    import attrs
+    import yaml
+
+    from skulk_core.config import ConfigLoader
+    from skulk_core.node import build_node
+
+    try:
+        node = build_node(ConfigLoader.from_file(config_path), plugins=plugins, blocked=blocked, autoload=False if no_autoload else None)
+    except SkulkError as exc:
+        raise click.ClickException(str(exc)) from None
+    config = node.config
+    doc: dict[str, Any] = {name: attrs.asdict(getattr(config, name), retain_collection_types=False) for name in ("node", "api", "plugins", "serve", "cluster", "transport", "telemetry")}
+    doc.update({name: attrs.asdict(value) for name, value in config.extra.items() if attrs.has(type(value))})
+    if doc["api"].get("key"):
+        doc["api"]["key"] = "***"
+    click.echo(f"# node {node.node_id}; file: {config.source or 'none'}")
+    click.echo(yaml.safe_dump(doc, sort_keys=False).rstrip())
+
+
+def main() -> None:
+    cli(prog_name="skulk")
+
+
+if __name__ == "__main__":
+    main()
