@@ -37,6 +37,9 @@ class Node:
         self.api_address: tuple[str, int] | None = None
         self.services: dict[str, Any] = {}  # name -> whatever the service exposes to others
         self._task_group: anyio.abc.TaskGroup | None = None
+        from skulk_core.inference import ModelServer
+
+        self.models = ModelServer(self)
 
     @property
     def node_id(self) -> str:
@@ -87,6 +90,7 @@ class Node:
                         raise
                     except Exception as exc:
                         raise PluginError(entry.plugin, f"service {entry.name!r} failed to start: {exc!r}") from exc
+                await tg.start(self.models.serve_configured)
                 self.started_at = time.time()
                 self.emit("node.started", name=self.name, api=self.api_url, plugins=self.plugins.names())
                 task_status.started(self)

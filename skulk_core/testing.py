@@ -43,6 +43,7 @@ def start_node_in_thread(
         "node": {"data_dir": str(data_dir)},
         "api": {"host": "127.0.0.1", "port": 0},
         "transport": {"host": "127.0.0.1", "port": 0},
+        "serve": {"enabled": False},
     }
     for name, values in (sections or {}).items():
         cli.setdefault(name, {}).update(values)

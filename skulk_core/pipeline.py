@@ -1,0 +1,63 @@
+"""Stage chains: the path a batch takes from tokens to logits through one or more engines.
+
+The scheduler (:mod:`skulk_core.inference`) talks to a chain, never to engines directly, so a model
+on one node and a model split over several look the same to it. ``LocalChain`` runs engines loaded
+in this process one after another, handing each stage's activations to the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import anyio
+from attrs import evolve
+
+from skulk_core.backend import Engine, SequenceChunk, StageOutput
+from skulk_core.errors import BackendError
+
+
+class StageChain(Protocol):
+    async def step(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]:
+        """Run token chunks through every stage; the outputs carry the last stage's logits."""
+
+    async def release(self, request_id: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalChain:
+    """Engines in this process, in pipeline order."""
+
+    def __init__(self, engines: Sequence[Engine]) -> None:
+        if not engines:
+            raise ValueError("a chain needs at least one engine")
+        self.engines = list(engines)
+        self.lock = anyio.Lock()  # one step at a time per chain; embeddings take it too
+
+    @property
+    def head(self) -> Engine:
+        return self.engines[0]
+
+    async def step(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]:
+        async with self.lock:
+            chunks = list(batch)
+            outputs: list[StageOutput] = []
+            for index, engine in enumerate(self.engines):
+                outputs = await engine.step(chunks)
+                if len(outputs) != len(chunks):
+                    raise BackendError(f"stage {index} returned {len(outputs)} outputs for {len(chunks)} chunks")
+                if index + 1 < len(self.engines):
+                    chunks = [
+                        evolve(chunk, tokens=None, hidden=out.hidden) for chunk, out in zip(chunks, outputs)
+                    ]
+            return outputs
+
+    async def release(self, request_id: str) -> None:
+        for engine in self.engines:
+            await engine.release(request_id)
+
+    async def close(self) -> None:
+        with anyio.CancelScope(shield=True):
+            for engine in self.engines:
+                await engine.close()

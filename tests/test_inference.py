@@ -1,0 +1,242 @@
+"""The core scheduler, sampler and text assembly, driven by a fake engine (named so: it stands in
+for a real backend, whose own tests run the real model)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+import numpy as np
+import pytest
+
+from skulk_core.backend import SequenceChunk, StageOutput
+from skulk_core.errors import RequestError
+from skulk_core.inference import GenerationRequest, InstanceRunner, TextAssembler
+from skulk_core.pipeline import LocalChain
+from skulk_core.placement import ShardRange
+from skulk_core.sampling import Sampler, SamplingParams
+
+VOCAB = 64
+EOS = 0
+
+
+class FakeTokenizer:
+    """Token i is the byte (ord('a') + i - 1) for 1 <= i < 27, EOS is 0, a few multi-byte pieces."""
+
+    bos_token_id = None
+    eos_token_ids = frozenset({EOS})
+    vocab_size = VOCAB
+
+    def encode(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return [ord(c) - ord("a") + 1 for c in text]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if 1 <= token_id < 27:
+            return bytes([ord("a") + token_id - 1])
+        if token_id == 40:
+            return "é".encode()[:1]  # half a character
+        if token_id == 41:
+            return "é".encode()[1:]
+        return b" "
+
+    def is_control(self, token_id: int) -> bool:
+        return token_id == EOS
+
+
+class FakeEngine:
+    """Deterministic logits: the next token after t is (t * 7 + position) % 26 + 1, EOS after
+    position ``eos_at``. Records every batch it is given."""
+
+    def __init__(self, eos_at: int = 1000, delay: float = 0.0) -> None:
+        self.shard = ShardRange.whole(4)
+        self.context_length = 64
+        self.max_sequences = 4
+        self.tokenizer = FakeTokenizer()
+        self.eos_at = eos_at
+        self.delay = delay
+        self.batches: list[list[SequenceChunk]] = []
+        self.cache: dict[str, int] = {}
+        self.released: list[str] = []
+
+    async def step(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]:
+        self.batches.append(list(batch))
+        if self.delay:
+            await anyio.sleep(self.delay)
+        out = []
+        for chunk in batch:
+            assert self.cache.get(chunk.request_id, 0) == chunk.position, "positions must continue the cache"
+            self.cache[chunk.request_id] = chunk.position + chunk.length
+            end = chunk.position + chunk.length
+            logits = np.zeros(VOCAB, dtype=np.float32)
+            nxt = EOS if end >= self.eos_at else (chunk.tokens[-1] * 7 + end) % 26 + 1
+            logits[nxt] = 10.0
+            out.append(StageOutput(chunk.request_id, logits=logits if chunk.want_logits else None))
+        return out
+
+    async def release(self, request_id: str) -> None:
+        self.cache.pop(request_id, None)
+        self.released.append(request_id)
+
+    async def close(self) -> None:
+        pass
+
+
+def make_runner(engine: FakeEngine, **kwargs: object) -> InstanceRunner:
+    return InstanceRunner("fake", LocalChain([engine]), engine.tokenizer, context_length=engine.context_length, max_sequences=engine.max_sequences, **kwargs)  # type: ignore[arg-type]
+
+
+async def collect(runner: InstanceRunner, request: GenerationRequest) -> tuple[str, list[int], str | None]:
+    text, tokens, finish = "", [], None
+    async for chunk in runner.generate(request):
+        text += chunk.text
+        tokens += [t.token_id for t in chunk.tokens]
+        finish = chunk.finish_reason
+    return text, tokens, finish
+
+
+def greedy(prompt: str, **kwargs: object) -> GenerationRequest:
+    return GenerationRequest("fake", FakeTokenizer().encode(prompt), SamplingParams(temperature=0.0), **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_concurrent_requests_share_steps_and_match_solo_runs() -> None:
+    solo_engine = FakeEngine()
+    solo = make_runner(solo_engine)
+    async with anyio.create_task_group() as tg:
+        await tg.start(solo.run)
+        expected = [await collect(solo, greedy(p, max_tokens=12)) for p in ("abc", "hello", "zz", "q")]
+        tg.cancel_scope.cancel()
+
+    engine = FakeEngine()
+    runner = make_runner(engine)
+    results: dict[str, tuple] = {}
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+
+        async def one(prompt: str) -> None:
+            results[prompt] = await collect(runner, greedy(prompt, max_tokens=12))
+
+        async with anyio.create_task_group() as clients:
+            for p in ("abc", "hello", "zz", "q"):
+                clients.start_soon(one, p)
+        tg.cancel_scope.cancel()
+    assert [results[p] for p in ("abc", "hello", "zz", "q")] == expected
+    assert all(r[2] == "length" and len(r[1]) == 12 for r in expected)
+    # continuous batching: some step advanced all four requests at once
+    assert max(len({c.request_id for c in b}) for b in engine.batches) == 4
+    assert len(engine.batches) < len(solo_engine.batches)
+    assert engine.cache == {}  # every finished request released its KV cache
+
+
+@pytest.mark.anyio
+async def test_eos_stop_sequence_and_context_limit() -> None:
+    engine = FakeEngine(eos_at=8)
+    runner = make_runner(engine)
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        text, tokens, finish = await collect(runner, greedy("abc"))
+        assert finish == "stop" and tokens[-1] == EOS and len(tokens) == 6
+        full, _, _ = await collect(runner, greedy("abc", max_tokens=4))
+        stopped, _, finish = await collect(runner, greedy("abc", stop=(full[2:4],)))
+        assert finish == "stop" and stopped == full[:2]
+        with pytest.raises(RequestError, match="maximum context length"):
+            await collect(runner, greedy("a" * 64))
+        engine.eos_at = 1000
+        text, tokens, finish = await collect(runner, greedy("a" * 60))
+        assert finish == "length" and len(tokens) == 4  # the context (64) is full
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_closing_the_stream_releases_the_sequence_at_once() -> None:
+    engine = FakeEngine(delay=0.01)
+    runner = make_runner(engine)
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        stream = runner.generate(greedy("abc"))
+        await stream.__anext__()
+        assert runner.load == (1, 0)
+        await stream.aclose()
+        with anyio.fail_after(2):
+            while runner.load != (0, 0) or not engine.released:
+                await anyio.sleep(0.01)
+        steps = len(engine.batches)
+        await anyio.sleep(0.05)
+        assert len(engine.batches) == steps  # nothing is decoded for a gone client
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_more_requests_than_slots_wait_then_complete() -> None:
+    engine = FakeEngine()
+    runner = make_runner(engine)
+    done = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+
+        async def one(i: int) -> None:
+            done.append(await collect(runner, greedy("abcdefgh"[: i % 8 + 1], max_tokens=5)))
+
+        async with anyio.create_task_group() as clients:
+            for i in range(10):
+                clients.start_soon(one, i)
+        tg.cancel_scope.cancel()
+    assert len(done) == 10 and all(len(d[1]) == 5 for d in done)
+    assert max(len(b) for b in engine.batches) <= engine.max_sequences
+
+
+@pytest.mark.anyio
+async def test_long_prompts_are_prefilled_in_chunks_within_the_budget() -> None:
+    engine = FakeEngine()
+    runner = make_runner(engine, prefill_budget=8)
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        await collect(runner, greedy("abcdefghijklmnopqrstuvwxyz", max_tokens=2))
+        tg.cancel_scope.cancel()
+    first = [b[0] for b in engine.batches[:4]]
+    assert [c.length for c in first] == [8, 8, 8, 2]
+    assert [c.want_logits for c in first] == [False, False, False, True]
+
+
+def test_text_assembler_holds_partial_utf8_and_possible_stops() -> None:
+    text = TextAssembler(stop=["END"])
+    assert text.feed(b"ab") == ("ab", False)
+    assert text.feed("é".encode()[:1]) == ("", False)
+    assert text.feed("é".encode()[1:]) == ("é", False)
+    assert text.feed(b"xE") == ("x", False)  # "E" may start "END"
+    assert text.feed(b"N") == ("", False)
+    assert text.feed(b"D tail") == ("", True)
+    other = TextAssembler(stop=["END"])
+    assert other.feed(b"EN") == ("", False)
+    assert other.feed(b"X") == ("ENX", False)
+    assert other.flush() == ""
+
+
+def test_sampler_is_seeded_and_greedy_is_argmax() -> None:
+    logits = np.random.default_rng(0).normal(size=1000).astype(np.float32) * 3
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=42)
+    first = [Sampler(params).sample(logits).token_id for _ in range(3)]
+    a, b = Sampler(params), Sampler(params)
+    assert [a.sample(logits).token_id for _ in range(20)] == [b.sample(logits).token_id for _ in range(20)]
+    assert len(set(first)) == 1
+    assert Sampler(SamplingParams(temperature=0.0)).sample(logits).token_id == int(np.argmax(logits))
+    # top_k=1 and a tiny top_p collapse to the argmax too
+    assert Sampler(SamplingParams(top_k=1, seed=1)).sample(logits).token_id == int(np.argmax(logits))
+    assert Sampler(SamplingParams(top_p=1e-6, seed=1)).sample(logits).token_id == int(np.argmax(logits))
+    # samples stay inside the top-k set
+    top = set(np.argsort(-logits)[:5].tolist())
+    sampler = Sampler(SamplingParams(temperature=2.0, top_k=5, seed=7))
+    assert {sampler.sample(logits).token_id for _ in range(200)} <= top
+
+
+def test_sampler_logprobs_penalties_and_bias() -> None:
+    logits = np.array([0.0, 1.0, 2.0, 3.0], dtype=np.float32)
+    got = Sampler(SamplingParams(temperature=0.0, top_logprobs=2)).sample(logits, want_logprobs=True)
+    expected = logits - np.log(np.exp(logits).sum())
+    assert got.token_id == 3 and got.logprob == pytest.approx(expected[3])
+    assert [t.token_id for t in got.top] == [3, 2]
+    assert Sampler(SamplingParams(temperature=0.0, logit_bias={0: 100.0})).sample(logits).token_id == 0
+    penalised = Sampler(SamplingParams(temperature=0.0, frequency_penalty=2.0))
+    assert [penalised.sample(logits).token_id for _ in range(3)] == [3, 2, 1]
+    with pytest.raises(RequestError, match="temperature"):
+        SamplingParams(temperature=3.0)
