@@ -55,7 +55,10 @@ def _port(_: object, attribute: attrs.Attribute, value: int) -> None:
 
 def _size(_: object, attribute: attrs.Attribute, value: str | None) -> None:
     if value is not None:
-        parse_size(value)
+        try:
+            parse_size(value)
+        except ValueError as exc:
+            raise ValueError(f"{attribute.name}: {exc}") from None
 
 
 def _one_of(*choices: str) -> Any:
@@ -115,6 +118,7 @@ class ClusterSection:
     key_file: str | None = None  # the cluster secret; SKULK_CLUSTER_KEY gives it directly
     peers: tuple[str, ...] = ()  # HOST:PORT of nodes to dial
     discovery: bool = True
+    discovery_port: int = field(default=52417, validator=_port)
     force_master: bool = False
 
 
@@ -174,6 +178,68 @@ class Config:
 _converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
 
 
+class _WrongType(ValueError):
+    """A value of the wrong YAML type; the message says what was expected."""
+
+
+# cattrs' own scalar hooks call bool(), int() and str() on anything, so ``autoload: "false"`` would
+# be True and ``peers: "host:1"`` a tuple of characters. These hooks accept only the right shapes
+# (strings for int fields too: that is how environment variables arrive).
+def _structure_bool(value: object, _: type) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _WrongType(f"expected true or false, got {value!r}")
+
+
+def _structure_int(value: object, _: type) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise _WrongType(f"expected an integer, got {value!r}")
+
+
+def _structure_str(value: object, _: type) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # ``name: 42`` in YAML
+    raise _WrongType(f"expected a string, got {value!r}")
+
+
+def _is_homogeneous_tuple(tp: Any) -> bool:
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis
+
+
+def _tuple_hook(tp: Any) -> Any:
+    item = typing.get_args(tp)[0]
+
+    def structure(value: object, _: type) -> tuple:
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple, set, frozenset)):
+            raise _WrongType(f"expected a list, got {value!r}")
+        return tuple(_converter.structure(v, item) for v in value)
+
+    return structure
+
+
+_converter.register_structure_hook(bool, _structure_bool)
+_converter.register_structure_hook(int, _structure_int)
+_converter.register_structure_hook(str, _structure_str)
+_converter.register_structure_hook_factory(_is_homogeneous_tuple, _tuple_hook)
+
+
+def _describe(exc: BaseException, type_: type | None) -> str:
+    if isinstance(exc, _WrongType):
+        return str(exc)
+    if isinstance(exc, ValueError) and type_ is None:
+        return str(exc)  # a validator's message, which names the field
+    return cattrs.v.format_exception(exc, type_)
+
+
 def _where(source: Path | None) -> str:
     return str(source) if source else "the configuration"
 
@@ -186,8 +252,12 @@ def _structure(name: str, cls: type, data: object, source: Path | None) -> objec
     try:
         return _converter.structure(dict(data), cls)
     except Exception as exc:
-        details = cattrs.transform_error(exc, path=name) if isinstance(exc, cattrs.BaseValidationError) else [str(exc)]
-        pretty = "; ".join(d.replace("@ $", "at ").replace("at .", "at ") for d in details)
+        if isinstance(exc, cattrs.BaseValidationError):
+            details = cattrs.transform_error(exc, path=name, format_exception=_describe)
+        else:
+            details = [f"{exc} @ {name}"]
+        # cattrs writes "message @ path"; say "path: message", so the key comes first
+        pretty = "; ".join(f"{path}: {message}" for message, _, path in (d.rpartition(" @ ") for d in details))
         raise ConfigError(f"{_where(source)}: invalid configuration: {pretty}") from None
 
 
@@ -226,8 +296,9 @@ def _env_overrides(env: Mapping[str, str], sections: Mapping[str, type]) -> dict
     for section_name, cls in sections.items():
         hints = typing.get_type_hints(cls)
         for attribute in attrs.fields(cls):
-            names = [f"SKULK_{section_name}_{attribute.name}".upper()]
-            names += [alias for alias, target in ENV_ALIASES.items() if target == (section_name, attribute.name)]
+            # aliases first, so the canonical SKULK_<SECTION>_<FIELD> wins when both are set
+            names = [alias for alias, target in ENV_ALIASES.items() if target == (section_name, attribute.name)]
+            names.append(f"SKULK_{section_name}_{attribute.name}".upper())
             for env_name in names:
                 if env_name in env:
                     try:

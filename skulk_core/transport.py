@@ -24,6 +24,7 @@ class TransportContext:
     cluster_secret: bytes = field(repr=False)
     host: str
     port: int
+    discovery_port: int | None = None  # UDP port for LAN discovery; None: discovery off
     settings: object | None = None  # the transport's own config section, if any
 
 

@@ -11,7 +11,8 @@ from skulk_core.http import HttpRequest, HttpResponse
 @hookimpl
 def skulk_register_http(registry, node) -> None:  # type: ignore[no-untyped-def]
     async def health(request: HttpRequest) -> HttpResponse:
-        return HttpResponse(200, {"status": "ok", "node_id": node.node_id})
+        models = {m.id: m.status for m in node.models.models()}
+        return HttpResponse(200, {"status": "ok", "node_id": node.node_id, "models": models})
 
     async def node_id(request: HttpRequest) -> HttpResponse:
         return HttpResponse(200, node.node_id)
