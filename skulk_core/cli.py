@@ -22,6 +22,17 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("hypercorn.error").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+def _skulk_error(exc: BaseException) -> SkulkError | None:
+    """The SkulkError inside ``exc``, looking through the exception groups task groups raise."""
+    if isinstance(exc, SkulkError):
+        return exc
+    for inner in getattr(exc, "exceptions", ()):
+        found = _skulk_error(inner)
+        if found is not None:
+            return found
+    return None
+
+
 def plugin_options(func: Any) -> Any:
     """``--config``, ``--plugin``, ``--no-plugin`` and ``--no-autoload``, shared by commands."""
     func = click.option("--no-autoload", is_flag=True, default=None, flag_value=True, help="Load no entry-point plugins (builtins and --plugin still load).")(func)
@@ -88,6 +99,12 @@ def cli() -> None:
 @click.option("--backend", default=None, help="Backend to run the model with [default: the first that supports it].")
 @click.option("--min-nodes", type=int, default=None, help="Spread the model over at least N nodes.")
 @click.option("--memory-limit", default=None, help="Memory this node may give to models, e.g. 4GiB.")
+@click.option("--transport-host", default=None, help="Address the cluster transport listens on [default: 0.0.0.0].")
+@click.option("--transport-port", type=int, default=None, help="Cluster transport port [default: 52416].")
+@click.option("--peer", "peers", multiple=True, metavar="HOST:PORT", help="A node to join (repeatable); adds to cluster.peers.")
+@click.option("--no-discovery", is_flag=True, default=None, flag_value=True, help="Do not announce or discover nodes on the LAN.")
+@click.option("--discovery-port", type=int, default=None, help="UDP port for LAN discovery [default: 52417].")
+@click.option("--force-master", is_flag=True, default=None, flag_value=True, help="Prefer this node in master elections.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
 def run(
     config_path: str | None,
@@ -103,6 +120,12 @@ def run(
     backend: str | None,
     min_nodes: int | None,
     memory_limit: str | None,
+    transport_host: str | None,
+    transport_port: int | None,
+    peers: tuple[str, ...],
+    no_discovery: bool | None,
+    discovery_port: int | None,
+    force_master: bool | None,
     log_level: str | None,
 ) -> None:
     """Start a node and run it until SIGINT or SIGTERM."""
@@ -116,9 +139,12 @@ def run(
         "api": {"host": api_host, "port": api_port, "key": api_key},
         "serve": {"model": model, "backend": backend, "min_nodes": min_nodes},
     }
+    # Log from the start (SKULK_TRACE_PLUGINS traces hooks called while the node is built), then
+    # switch to the configured level.
+    _setup_logging(log_level or "info")
     try:
         loader = ConfigLoader.from_file(config_path, cli=cli_values)
-        node = build_node(loader, plugins=plugins, blocked=blocked, autoload=False if no_autoload else None)
+        node = build_node(loader, plugins=plugins, blocked=blocked, autoload=False if no_autoload else None, peers=peers)
     except SkulkError as exc:
         raise click.ClickException(str(exc)) from None
     _setup_logging(node.config.node.log_level)
@@ -136,8 +162,11 @@ def run(
 
     try:
         anyio.run(main)
-    except SkulkError as exc:
-        raise click.ClickException(str(exc)) from None
+    except Exception as exc:  # a service that fails to start arrives inside an exception group
+        error = _skulk_error(exc)
+        if error is None:
+            raise
+        raise click.ClickException(str(error)) from None
     log.info("node %s stopped", node.node_id)
 
 
@@ -193,6 +222,86 @@ def config_command(config_path: str | None, plugins: tuple[str, ...], blocked: t
         doc["api"]["key"] = "***"
     click.echo(f"# node {node.node_id}; file: {config.source or 'none'}")
     click.echo(yaml.safe_dump(doc, sort_keys=False).rstrip())
+
+
+@cli.command()
+@click.option("--api", "api_url", default="http://127.0.0.1:52415", show_default=True, envvar="SKULK_API_URL", help="Any node's HTTP API.")
+@click.option("--api-key", default=None, envvar="SKULK_API_KEY", help="Bearer key, if the node requires one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw /state document.")
+def status(api_url: str, api_key: str | None, as_json: bool) -> None:
+    """Show the cluster as a node sees it: master, nodes and instances."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(api_url.rstrip("/") + "/state")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            state = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot read {api_url}/state: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(state, indent=2))
+        return
+    click.echo(f"master {state['master_id'] or '-'}  round {state['election_round']}  event {state['index']}  (as seen by {state['node_id']})")
+    rows = [("NODE", "NAME", "ROLE", "MEMORY FREE/TOTAL", "CPUS", "BACKENDS", "LAST SEEN")]
+    import time as _time
+
+    for n in state["nodes"]:
+        r = n["resources"]
+        seen = "-" if n["last_seen"] is None else f"{max(0.0, _time.time() - n['last_seen']):.1f}s ago"
+        rows.append((
+            n["node_id"], n["name"], "master" if n["is_master"] else "worker",
+            f"{r['memory_available'] / 2**30:.1f}/{r['memory_total'] / 2**30:.1f} GiB", str(r["cpu_count"]),
+            ",".join(r["backends"]) or "-", seen,
+        ))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row)).rstrip())
+    for inst in state["instances"]:
+        stages = ", ".join(f"{s['node_id']}[{s['layers'][0]}:{s['layers'][1]}] {s['status']}" for s in inst["stages"])
+        click.echo(f"instance {inst['instance_id']} {inst['model']} {inst['status']}: {stages}")
+
+
+@cli.command()
+@click.option("--api", "api_url", default="http://127.0.0.1:52415", show_default=True, envvar="SKULK_API_URL", help="Any node's HTTP API.")
+@click.option("--api-key", default=None, envvar="SKULK_API_KEY", help="Bearer key, if the node requires one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw /state document.")
+def status(api_url: str, api_key: str | None, as_json: bool) -> None:
+    """Show the cluster as a node sees it: master, nodes and instances."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(api_url.rstrip("/") + "/state")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            state = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot read {api_url}/state: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(state, indent=2))
+        return
+    click.echo(f"master {state['master_id'] or '-'}  round {state['election_round']}  event {state['index']}  (as seen by {state['node_id']})")
+    rows = [("NODE", "NAME", "ROLE", "MEMORY FREE/TOTAL", "CPUS", "BACKENDS", "LAST SEEN")]
+    import time as _time
+
+    for n in state["nodes"]:
+        r = n["resources"]
+        seen = "-" if n["last_seen"] is None else f"{max(0.0, _time.time() - n['last_seen']):.1f}s ago"
+        rows.append((
+            n["node_id"], n["name"], "master" if n["is_master"] else "worker",
+            f"{r['memory_available'] / 2**30:.1f}/{r['memory_total'] / 2**30:.1f} GiB", str(r["cpu_count"]),
+            ",".join(r["backends"]) or "-", seen,
+        ))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row)).rstrip())
+    for inst in state["instances"]:
+        stages = ", ".join(f"{s['node_id']}[{s['layers'][0]}:{s['layers'][1]}] {s['status']}" for s in inst["stages"])
+        click.echo(f"instance {inst['instance_id']} {inst['model']} {inst['status']}: {stages}")
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 import cattrs
 from attrs import field, frozen
+from cattrs.v import format_exception
 
 from skulk_core.errors import ConfigError
 
@@ -69,9 +70,9 @@ def _one_of(*choices: str) -> Any:
     return check
 
 
-def _positive(_: object, attribute: attrs.Attribute, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
+def _positive(_: object, attribute: attrs.Attribute, value: float | None) -> None:
+    if value is not None and (value < 1 if isinstance(value, int) else value <= 0):
+        raise ValueError(f"{attribute.name} must be {'at least 1' if isinstance(value, int) else 'positive'}, got {value}")
 
 
 @frozen
@@ -115,11 +116,14 @@ class ServeSection:
 
 @frozen
 class ClusterSection:
-    key_file: str | None = None  # the cluster secret; SKULK_CLUSTER_KEY gives it directly
+    key: str | None = field(default=None, repr=False)  # the cluster secret itself (SKULK_CLUSTER_KEY)
+    key_file: str | None = None  # a file holding the cluster secret
     peers: tuple[str, ...] = ()  # HOST:PORT of nodes to dial
     discovery: bool = True
     discovery_port: int = field(default=52417, validator=_port)
     force_master: bool = False
+    heartbeat_interval: float = field(default=0.5, validator=_positive)
+    node_timeout: float = field(default=3.0, validator=_positive)  # silence before a node is gone
 
 
 @frozen
@@ -237,7 +241,7 @@ def _describe(exc: BaseException, type_: type | None) -> str:
         return str(exc)
     if isinstance(exc, ValueError) and type_ is None:
         return str(exc)  # a validator's message, which names the field
-    return cattrs.v.format_exception(exc, type_)
+    return format_exception(exc, type_)
 
 
 def _where(source: Path | None) -> str:

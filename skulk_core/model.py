@@ -84,22 +84,16 @@ class ModelCard:
 
     @classmethod
     def from_gguf(cls, path: str | Path, *, model_id: str | None = None) -> ModelCard:
-        """Read a card from a GGUF file's metadata (nothing but the header is read)."""
+        """Read a card from a GGUF file's metadata (only the header is read, in milliseconds)."""
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"no GGUF file at {path}")
-        try:
-            import gguf
+        from skulk_core.gguf_meta import read_gguf_metadata
 
-            reader = gguf.GGUFReader(str(path))
-        except Exception as exc:  # gguf raises ValueError, struct.error, OSError...
-            raise ModelError(f"{path} is not a readable GGUF file: {exc}") from exc
+        meta = read_gguf_metadata(path)
 
         def value(key: str, default: object = None) -> object:
-            field_ = reader.fields.get(key)
-            if field_ is None:
-                return default
-            return field_.contents()
+            return meta.get(key, default)
 
         arch = str(value("general.architecture", "") or "")
         if not arch:
@@ -114,8 +108,8 @@ class ModelCard:
             return int(got)
 
         n_heads = arch_int("attention.head_count")
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        vocab = value(f"{arch}.vocab_size") or (len(tokens.data) if tokens is not None else 0)
+        tokens = meta.get("tokenizer.ggml.tokens")
+        vocab = value(f"{arch}.vocab_size") or (len(tokens) if tokens is not None else 0)
         eos = value("tokenizer.ggml.eos_token_id")
         eot = value("tokenizer.ggml.eot_token_id")
         eos_ids = tuple(dict.fromkeys(int(t) for t in (eos, eot) if t is not None))

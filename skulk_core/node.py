@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from attrs import evolve
 
 from skulk_core.config import Config, ConfigLoader
 from skulk_core.errors import ConfigError, PluginError, SkulkError
@@ -37,8 +38,10 @@ class Node:
         self.api_address: tuple[str, int] | None = None
         self.services: dict[str, Any] = {}  # name -> whatever the service exposes to others
         self._task_group: anyio.abc.TaskGroup | None = None
+        from skulk_core.cluster.service import Cluster
         from skulk_core.inference import ModelServer
 
+        self.cluster = Cluster(self)
         self.models = ModelServer(self)
 
     @property
@@ -90,6 +93,7 @@ class Node:
                         raise
                     except Exception as exc:
                         raise PluginError(entry.plugin, f"service {entry.name!r} failed to start: {exc!r}") from exc
+                await tg.start(self.cluster.run)
                 await tg.start(self.models.serve_configured)
                 self.started_at = time.time()
                 self.emit("node.started", name=self.name, api=self.api_url, plugins=self.plugins.names())
@@ -111,6 +115,7 @@ def build_node(
     plugins: Sequence[str] = (),
     blocked: Sequence[str] = (),
     autoload: bool | None = None,
+    peers: Sequence[str] = (),
 ) -> Node:
     """Resolve the config, load plugins in the documented order and create the node identity.
 
@@ -127,6 +132,8 @@ def build_node(
     identity = NodeIdentity.load_or_create(core.data_dir)
     sections = {entry.name: entry.value for entry in plugin_set.config_sections()}
     config = loader.resolve(sections, node_id=identity.node_id, strict=True)
+    if peers:
+        config = evolve(config, cluster=evolve(config.cluster, peers=(*config.cluster.peers, *peers)))
     if config.data_dir != core.data_dir:
         raise ConfigError(
             f"{config.source}: node_overrides for node id {identity.node_id} change node.data_dir; "

@@ -1,4 +1,4 @@
-"""Builtin frontend plugin: the node's own routes (``/health``, ``/node_id``, ``/node``)."""
+"""Builtin frontend plugin: the node's own routes (``/health``, ``/node_id``, ``/node``, ``/state``)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ def skulk_register_http(registry, node) -> None:  # type: ignore[no-untyped-def]
             },
         )
 
+    async def state(request: HttpRequest) -> HttpResponse:
+        return HttpResponse(200, node.cluster.describe())
+
+    registry.route("GET", "/state", state)
     registry.route("GET", "/health", health)
     registry.route("GET", "/node_id", node_id)
     registry.route("GET", "/node", node_info)
