@@ -28,6 +28,7 @@ from skulk_core.errors import (
     TransportError,
 )
 from skulk_core.hookspecs import hookimpl, hookspec
+from skulk_core.http import HttpRequest, HttpResponse, error_body
 from skulk_core.identity import NodeIdentity
 from skulk_core.model import DEFAULT_MODEL_ID, ModelCard, ModelFiles, ModelSource, default_model_path
 from skulk_core.placement import (
@@ -59,11 +60,11 @@ __all__ = [
     "Accelerator", "AuthenticationError", "Backend", "BackendCapabilities", "BackendError",
     "BackendRegistry", "ByteStream", "ClusterEvent", "CommandRegistry", "Config", "ConfigError",
     "ConfigLoader", "ConfigSectionRegistry", "Connection", "DEFAULT_MODEL_ID", "DuplicateNameError",
-    "EmbeddingEngine", "Engine", "EngineOptions", "HttpRegistry", "LocalModel", "MetricSample",
+    "EmbeddingEngine", "Engine", "EngineOptions", "HttpRegistry", "HttpRequest", "HttpResponse", "LocalModel", "MetricSample",
     "ModelCard", "ModelError", "ModelFiles", "ModelResolver", "ModelSource", "NodeIdentity",
     "NodeResources", "NodeView", "PeerAnnouncement", "Placement", "PlacementError",
     "PlacementPreview", "PlacementRequest", "PluginError", "ProtocolError", "ReadyFiles",
     "RequestError", "SequenceChunk", "ServiceRegistry", "ShardRange", "SkulkError", "StageAssignment",
     "StageOutput", "Tensor", "Tokenizer", "TraceSpan", "Transport", "TransportContext",
-    "TransportError", "TransportRegistry", "default_model_path", "hookimpl", "hookspec",
+    "TransportError", "TransportRegistry", "default_model_path", "error_body", "hookimpl", "hookspec",
 ]

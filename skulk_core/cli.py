@@ -138,6 +138,12 @@ def run(
         "node": {"data_dir": data_dir, "name": node_name, "memory_limit": memory_limit, "log_level": log_level},
         "api": {"host": api_host, "port": api_port, "key": api_key},
         "serve": {"model": model, "backend": backend, "min_nodes": min_nodes},
+        "transport": {"host": transport_host, "port": transport_port},
+        "cluster": {
+            "discovery": False if no_discovery else None,
+            "discovery_port": discovery_port,
+            "force_master": True if force_master else None,
+        },
     }
     # Log from the start (SKULK_TRACE_PLUGINS traces hooks called while the node is built), then
     # switch to the configured level.
@@ -216,52 +222,19 @@ def config_command(config_path: str | None, plugins: tuple[str, ...], blocked: t
     except SkulkError as exc:
         raise click.ClickException(str(exc)) from None
     config = node.config
-    doc: dict[str, Any] = {name: attrs.asdict(getattr(config, name), retain_collection_types=False) for name in ("node", "api", "plugins", "serve", "cluster", "transport", "telemetry")}
-    doc.update({name: attrs.asdict(value) for name, value in config.extra.items() if attrs.has(type(value))})
-    if doc["api"].get("key"):
-        doc["api"]["key"] = "***"
+
+    def shown(section: Any) -> dict[str, Any]:
+        # A secret is a field declared ``repr=False`` (api.key, cluster.key, a plugin's token): never print it.
+        values = attrs.asdict(section)
+        for attribute in attrs.fields(type(section)):
+            if not attribute.repr and values.get(attribute.name) is not None:
+                values[attribute.name] = "***"
+        return values
+
+    doc: dict[str, Any] = {name: shown(getattr(config, name)) for name in ("node", "api", "plugins", "serve", "cluster", "transport", "telemetry")}
+    doc.update({name: shown(value) for name, value in config.extra.items() if attrs.has(type(value))})
     click.echo(f"# node {node.node_id}; file: {config.source or 'none'}")
     click.echo(yaml.safe_dump(doc, sort_keys=False).rstrip())
-
-
-@cli.command()
-@click.option("--api", "api_url", default="http://127.0.0.1:52415", show_default=True, envvar="SKULK_API_URL", help="Any node's HTTP API.")
-@click.option("--api-key", default=None, envvar="SKULK_API_KEY", help="Bearer key, if the node requires one.")
-@click.option("--json", "as_json", is_flag=True, help="Print the raw /state document.")
-def status(api_url: str, api_key: str | None, as_json: bool) -> None:
-    """Show the cluster as a node sees it: master, nodes and instances."""
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(api_url.rstrip("/") + "/state")
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            state = json.load(response)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise click.ClickException(f"cannot read {api_url}/state: {exc}") from None
-    if as_json:
-        click.echo(json.dumps(state, indent=2))
-        return
-    click.echo(f"master {state['master_id'] or '-'}  round {state['election_round']}  event {state['index']}  (as seen by {state['node_id']})")
-    rows = [("NODE", "NAME", "ROLE", "MEMORY FREE/TOTAL", "CPUS", "BACKENDS", "LAST SEEN")]
-    import time as _time
-
-    for n in state["nodes"]:
-        r = n["resources"]
-        seen = "-" if n["last_seen"] is None else f"{max(0.0, _time.time() - n['last_seen']):.1f}s ago"
-        rows.append((
-            n["node_id"], n["name"], "master" if n["is_master"] else "worker",
-            f"{r['memory_available'] / 2**30:.1f}/{r['memory_total'] / 2**30:.1f} GiB", str(r["cpu_count"]),
-            ",".join(r["backends"]) or "-", seen,
-        ))
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row)).rstrip())
-    for inst in state["instances"]:
-        stages = ", ".join(f"{s['node_id']}[{s['layers'][0]}:{s['layers'][1]}] {s['status']}" for s in inst["stages"])
-        click.echo(f"instance {inst['instance_id']} {inst['model']} {inst['status']}: {stages}")
 
 
 @cli.command()

@@ -186,9 +186,9 @@ class _WrongType(ValueError):
     """A value of the wrong YAML type; the message says what was expected."""
 
 
-# cattrs' own scalar hooks call bool(), int() and str() on anything, so ``autoload: "false"`` would
-# be True and ``peers: "host:1"`` a tuple of characters. These hooks accept only the right shapes
-# (strings for int fields too: that is how environment variables arrive).
+# cattrs' own scalar hooks call bool(), int(), float() and str() on anything, so ``autoload: "false"``
+# would be True and ``peers: "host:1"`` a tuple of characters. These hooks accept only the right
+# shapes (strings for numbers too: that is how environment variables arrive).
 def _structure_bool(value: object, _: type) -> bool:
     if isinstance(value, bool):
         return value
@@ -204,6 +204,17 @@ def _structure_int(value: object, _: type) -> int:
         except ValueError:
             pass
     raise _WrongType(f"expected an integer, got {value!r}")
+
+
+def _structure_float(value: object, _: type) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise _WrongType(f"expected a number, got {value!r}")
 
 
 def _structure_str(value: object, _: type) -> str:
@@ -232,6 +243,7 @@ def _tuple_hook(tp: Any) -> Any:
 
 _converter.register_structure_hook(bool, _structure_bool)
 _converter.register_structure_hook(int, _structure_int)
+_converter.register_structure_hook(float, _structure_float)
 _converter.register_structure_hook(str, _structure_str)
 _converter.register_structure_hook_factory(_is_homogeneous_tuple, _tuple_hook)
 

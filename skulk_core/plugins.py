@@ -259,7 +259,13 @@ def make_plugin_manager(selection: PluginSelection | None = None) -> Plugins:
         except pluggy.PluginValidationError as exc:
             raise PluginError(info.name, f"{exc}. Check the hook's name and arguments in docs/hooks.md") from exc
         except ValueError as exc:  # already registered under that name
-            raise PluginError(info.name, f"{exc}; two plugins share this name") from exc
+            first = infos.get(info.name)
+            loaded = f" ({first.source} {first.target})" if first else ""
+            raise PluginError(
+                info.name,
+                f"two plugins share this name: one is already loaded{loaded}, so {info.target} cannot be. "
+                f"Rename one of them, or leave one out",
+            ) from exc
         infos[info.name] = info
 
     # 1. blocked names
@@ -330,7 +336,8 @@ def make_plugin_manager(selection: PluginSelection | None = None) -> Plugins:
             try:
                 module = importlib.import_module(target)
             except ModuleNotFoundError as exc:
-                if exc.name and target.startswith(exc.name):
+                # only when ``target`` itself (or a parent package) is missing, not a module it imports
+                if exc.name and (target == exc.name or target.startswith(exc.name + ".")):
                     raise PluginError(
                         name,
                         f"no entry point, module or file named {target!r}; installed plugins: "

@@ -5,11 +5,21 @@
 - ``make_skulk_node``: start a real node in-process (own event loop in a thread) on loopback, with
   the plugins you name; every node it starts is stopped at teardown.
 - ``skulk_node``: one such node with only the builtin plugins.
+- ``skulk_process``: start real ``skulk run`` processes on loopback (:class:`SkulkProcess`); every
+  one still running at teardown is stopped (SIGTERM, then SIGKILL).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -44,6 +54,7 @@ def start_node_in_thread(
         "api": {"host": "127.0.0.1", "port": 0},
         "transport": {"host": "127.0.0.1", "port": 0},
         "serve": {"enabled": False},
+        "cluster": {"discovery": False},
     }
     for name, values in (sections or {}).items():
         cli.setdefault(name, {}).update(values)
@@ -79,3 +90,88 @@ def make_skulk_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callab
 @pytest.fixture
 def skulk_node(make_skulk_node: Callable[..., Node]) -> Node:
     return make_skulk_node()
+
+
+class SkulkProcess:
+    """A real ``skulk run`` process on loopback, its output in ``<data_dir>/process.log``."""
+
+    def __init__(self, data_dir: Path, *, api_port: int | None = None, args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.api_port = api_port or find_free_port()
+        self.args = list(args)
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = self.data_dir / "process.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def start(self) -> SkulkProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "skulk_core", "run", "--data-dir", str(self.data_dir), "--api-host", "127.0.0.1", "--api-port", str(self.api_port), *self.args]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, path: str, timeout: float = 5.0) -> object:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+            return json.load(response)
+
+    def wait_ready(self, timeout: float = 30.0, path: str = "/health") -> SkulkProcess:
+        """Wait until ``path`` answers 200; raise with the log's tail if the process died."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"skulk exited with {self.process.returncode}:\n{self.log_text()[-3000:]}")
+            try:
+                self.get(path, timeout=1.0)
+                return self
+            except (urllib.error.URLError, OSError, ValueError):
+                time.sleep(0.1)
+        raise TimeoutError(f"{self.url}{path} not ready after {timeout} s:\n{self.log_text()[-3000:]}")
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if predicate():
+                    return
+            except (urllib.error.URLError, OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{what} not met after {timeout} s:\n{self.log_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        """Signal the process and wait; SIGKILL if it is still running after ``timeout``."""
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+            return None
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+
+@pytest.fixture
+def skulk_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., SkulkProcess]]:
+    started: list[SkulkProcess] = []
+
+    def spawn(args: Sequence[str] = (), *, env: dict[str, str] | None = None, data_dir: Path | None = None, api_port: int | None = None) -> SkulkProcess:
+        proc = SkulkProcess(data_dir or tmp_path_factory.mktemp("skulk-proc"), api_port=api_port, args=args, env=env)
+        started.append(proc)
+        return proc.start()
+
+    yield spawn
+    for proc in started:
+        proc.stop(timeout=10)

@@ -1,0 +1,221 @@
+"""The builtin memory-weighted pipeline placement, with a fake backend (tests/fakes/fake_backend.py)
+that sizes a shard as exactly one GiB per layer of the test card."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from skulk_core import (
+    ModelCard,
+    ModelSource,
+    NodeResources,
+    NodeView,
+    Placement,
+    PlacementError,
+    PlacementRequest,
+    ShardRange,
+    StageAssignment,
+)
+from skulk_core.builtin.placement import SAFETY_MARGIN, split_layers
+from skulk_core.plugins import PluginSelection, make_plugin_manager
+
+GIB = 1024**3
+FAKES = Path(__file__).parent / "fakes"
+
+
+def make_card(n_layers: int = 30, gib_per_layer: int = 1) -> ModelCard:
+    return ModelCard(
+        id="fake-model",
+        architecture="llama",
+        n_layers=n_layers,
+        hidden_size=576,
+        n_heads=9,
+        n_kv_heads=3,
+        context_length=2048,
+        vocab_size=49152,
+        bytes_on_disk=n_layers * gib_per_layer * GIB,
+        source=ModelSource(kind="local", path="/nonexistent/fake-model.gguf"),
+        backends=("fake",),
+    )
+
+
+def make_node(node_id: str, usable_gib: float, *, limit_gib: float | None = None, backends=("fake", "fake-whole"), excluded=False) -> NodeView:
+    available = int(usable_gib * GIB)
+    return NodeView(
+        node_id=node_id,
+        name=f"host-{node_id}",
+        resources=NodeResources(
+            memory_total=available * 2,
+            memory_available=available,
+            cpu_count=2,
+            memory_limit=None if limit_gib is None else int(limit_gib * GIB),
+            backends=backends,
+        ),
+        excluded=excluded,
+    )
+
+
+def fits(gib: float) -> float:
+    """Usable memory that holds ``gib`` GiB once the safety margin is taken off."""
+    return gib / (1 - SAFETY_MARGIN) + 0.01
+
+
+@pytest.fixture
+def plugins():
+    return make_plugin_manager(PluginSelection(plugins=[str(FAKES / "fake_backend.py")], autoload=False))
+
+
+def place(plugins, nodes, **request):
+    card = request.pop("card", None) or make_card()
+    return plugins.place(card, nodes, PlacementRequest(model_id=card.id, **request))
+
+
+def layers(placement: Placement) -> list[tuple[str, int]]:
+    return [(s.node_id, s.shard.layer_count) for s in placement.stages]
+
+
+# -- split_layers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_split_layers_properties(seed: int):
+    rng = random.Random(seed)
+    n_layers = rng.randint(1, 80)
+    weights = [rng.randint(0, 64 * GIB) for _ in range(rng.randint(1, n_layers))]
+    ranges = split_layers(n_layers, weights)
+    assert len(ranges) == len(weights)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n_layers
+    assert all(a_end == b_start for (_, a_end), (b_start, _) in zip(ranges, ranges[1:]))  # contiguous
+    shares = [end - start for start, end in ranges]
+    assert all(share >= 1 for share in shares)
+    # proportional: one layer each, then the rest within one layer of its exact share
+    spare = n_layers - len(weights)
+    total = sum(max(w, 1) for w in weights)
+    for share, weight in zip(shares, weights):
+        assert abs((share - 1) - spare * max(weight, 1) / total) < 1
+    assert split_layers(n_layers, weights) == ranges  # deterministic
+
+
+def test_split_layers_examples():
+    assert split_layers(30, [1]) == [(0, 30)]
+    assert split_layers(30, [1, 1]) == [(0, 15), (15, 30)]
+    assert split_layers(30, [2, 1]) == [(0, 20), (20, 30)]
+    assert split_layers(3, [100, 1, 1]) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(ValueError, match="cannot split 2 layers over 3 nodes"):
+        split_layers(2, [1, 1, 1])
+
+
+def test_shard_range_and_placement_invariants():
+    assert ShardRange.whole(30).is_whole
+    shard = ShardRange(10, 20, 30)
+    assert (shard.is_first, shard.is_last, shard.layer_count) == (False, False, 10)
+    with pytest.raises(ValueError, match="invalid layer range"):
+        ShardRange(5, 5, 30)
+    with pytest.raises(ValueError, match="do not tile"):
+        Placement("i", "m", [StageAssignment("a", ShardRange(0, 10, 30), "fake"), StageAssignment("b", ShardRange(11, 30, 30), "fake")])
+    with pytest.raises(ValueError, match="does not end"):
+        Placement("i", "m", [StageAssignment("a", ShardRange(0, 10, 30), "fake")])
+
+
+# -- memory-weighted placement ---------------------------------------------------------------
+
+
+def test_one_node_that_fits_takes_the_whole_model(plugins):
+    placement = place(plugins, [make_node("small", fits(10)), make_node("big", fits(31)), make_node("mid", fits(20))])
+    assert layers(placement) == [("big", 30)]
+    assert placement.stages[0].shard.is_whole and placement.stages[0].backend == "fake"
+    assert placement.model_id == "fake-model" and placement.kind == "pipeline"
+
+
+def test_fewest_nodes_that_fit(plugins):
+    nodes = [make_node("a", fits(12)), make_node("b", fits(24)), make_node("c", fits(12)), make_node("d", fits(4))]
+    placement = place(plugins, nodes)
+    # b alone cannot hold 30 GiB; b and one 12 GiB node can, split 2:1 by memory
+    assert layers(placement) == [("b", 20), ("a", 10)]
+    assert [(s.shard.start, s.shard.end) for s in placement.stages] == [(0, 20), (20, 30)]
+
+
+def test_min_nodes_spreads_the_model(plugins):
+    nodes = [make_node("a", fits(40)), make_node("b", fits(40)), make_node("c", fits(40))]
+    assert layers(place(plugins, nodes)) == [("a", 30)]
+    assert layers(place(plugins, nodes, min_nodes=3)) == [("a", 10), ("b", 10), ("c", 10)]
+
+
+def test_memory_limit_caps_a_node(plugins):
+    nodes = [make_node("huge-but-capped", 100, limit_gib=fits(10)), make_node("b", fits(21))]
+    # the capped node counts as 10 GiB, so b (bigger) goes first and each is given by its share
+    placement = place(plugins, nodes)
+    assert [n for n, _ in layers(placement)] == ["b", "huge-but-capped"]
+    assert layers(placement)[1][1] <= 10
+
+
+def test_excluded_nodes_are_never_used(plugins):
+    nodes = [make_node("excluded", fits(100), excluded=True), make_node("asked-away", fits(100)), make_node("ok", fits(31))]
+    assert layers(place(plugins, nodes, exclude_nodes={"asked-away"})) == [("ok", 30)]
+
+
+def test_nodes_without_the_backend_are_skipped(plugins):
+    nodes = [make_node("no-fake", fits(100), backends=("fake-whole",)), make_node("ok", fits(31))]
+    assert layers(place(plugins, nodes, backend="fake")) == [("ok", 30)]
+
+
+def test_placement_error_states_needed_and_available_memory(plugins):
+    nodes = [make_node("a", 10), make_node("b", 10)]
+    with pytest.raises(PlacementError) as info:
+        place(plugins, nodes)
+    message = str(info.value)
+    assert message.startswith("nothing can hold fake-model (30.00 GiB on disk): ")
+    have = f"{10 * (1 - SAFETY_MARGIN):.2f} GiB"
+    assert f"1 node(s): host-a (a) needs 30.00 GiB for layers 0-29, has {have}" in message
+    assert f"2 node(s): host-a (a) needs 15.00 GiB for layers 0-14, has {have}" in message
+    assert f"host-b (b) needs 15.00 GiB for layers 15-29, has {have}" in message
+
+
+def test_placement_error_when_no_node_runs_the_backend(plugins):
+    with pytest.raises(PlacementError, match="no backend can run fake-model: fake: no live node runs it"):
+        place(plugins, [make_node("a", 100, backends=())], backend="fake")
+    with pytest.raises(PlacementError, match=r"nope: not installed \(registered backends: fake, fake-whole\)"):
+        place(plugins, [make_node("a", 100)], backend="nope")
+
+
+def test_whole_model_backend_uses_one_node(plugins):
+    nodes = [make_node("a", fits(40)), make_node("b", fits(40))]
+    assert layers(place(plugins, nodes, backend="fake-whole")) == [("a", 30)]
+    with pytest.raises(PlacementError, match="2 node.s. requested but fake-whole cannot split a model into layer ranges"):
+        place(plugins, nodes, backend="fake-whole", min_nodes=2)
+
+
+def test_too_few_nodes_for_min_nodes(plugins):
+    with pytest.raises(PlacementError, match=r"3 node\(s\) requested but only 2 eligible node\(s\)"):
+        place(plugins, [make_node("a", 100), make_node("b", 100)], min_nodes=3)
+
+
+def test_previews_list_every_node_count(plugins):
+    card = make_card()
+    nodes = [make_node("a", fits(20)), make_node("b", fits(20))]
+    previews = plugins.placement_previews(card, nodes, PlacementRequest(model_id=card.id))
+    assert len(previews) == 2
+    assert previews[0].placement is None and "needs 30.00 GiB" in previews[0].reason
+    assert previews[1].reason is None and layers(previews[1].placement) == [("a", 15), ("b", 15)]
+
+
+def test_a_placement_plugin_takes_precedence_and_none_defers(write_plugin):
+    chooser = write_plugin("always_last_node", """
+        from skulk_core import Placement, ShardRange, StageAssignment, hookimpl
+
+        @hookimpl
+        def skulk_place(card, nodes, request, backends):
+            if request.backend == "defer":
+                return None
+            node = nodes[-1]
+            return Placement("custom", card.id, [StageAssignment(node.node_id, ShardRange.whole(card.n_layers), "fake")])
+    """)
+    plugins = make_plugin_manager(PluginSelection(plugins=[str(FAKES / "fake_backend.py"), str(chooser)], autoload=False))
+    nodes = [make_node("big", fits(31)), make_node("tiny", 1)]
+    assert layers(place(plugins, nodes)) == [("tiny", 30)]
+    # returning None hands over to the builtin, which runs last
+    with pytest.raises(PlacementError, match="defer: not installed"):
+        place(plugins, nodes, backend="defer")
