@@ -17,18 +17,19 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 from attrs import define, field, frozen
 
-from skulk_core.backend import EngineOptions, SequenceChunk, Tokenizer
+from skulk_core.backend import SequenceChunk, Tokenizer
 from skulk_core.chat import render_chat
-from skulk_core.errors import ModelError, PlacementError, RequestError, SkulkError
+from skulk_core.errors import ModelError, PlacementError, RequestError, SkulkError, TransportError
 from skulk_core.model import DEFAULT_MODEL_ID, ModelCard
-from skulk_core.pipeline import LocalChain, StageChain
-from skulk_core.placement import NodeResources, NodeView, PlacementRequest
+from skulk_core.pipeline import StageChain
+from skulk_core.placement import NodeResources
 from skulk_core.sampling import Sampler, SamplingParams, TokenLogprob
 from skulk_core.telemetry import MetricSample, TraceSpan
 
@@ -52,6 +53,11 @@ class ModelNotFoundError(RequestError):
 
 class ModelNotReadyError(SkulkError):
     """The model is still loading (or failed to load); the frontend answers 503."""
+
+
+class InstanceLostError(ModelNotReadyError):
+    """The instance serving a request stopped (a stage's node left, or it was removed). A request
+    that has produced no token yet is retried on the next placement."""
 
 
 @frozen
@@ -153,6 +159,7 @@ class InstanceRunner:
         max_sequences: int,
         node: Node | None = None,
         prefill_budget: int = PREFILL_BUDGET,
+        lanes: int = 1,
     ) -> None:
         self.model_id = model_id
         self.chain = chain
@@ -162,7 +169,9 @@ class InstanceRunner:
         self.prefill_budget = prefill_budget
         self.node = node
         self._waiting: deque[_Live] = deque()
-        self._active: dict[str, _Live] = {}
+        # A lane is a group of requests stepped together. With a pipeline of N stages, N lanes keep
+        # N micro-batches in flight, so every stage has work while the others compute.
+        self._lanes: list[dict[str, _Live]] = [{} for _ in range(max(1, lanes))]
         self._wake = anyio.Event()
         self._eos = frozenset(tokenizer.eos_token_ids)
         self.steps = 0
@@ -170,14 +179,18 @@ class InstanceRunner:
     @property
     def load(self) -> tuple[int, int]:
         """(requests decoding, requests waiting for a slot)."""
-        return len(self._active), len(self._waiting)
+        return sum(len(lane) for lane in self._lanes), len(self._waiting)
 
     def check(self, request: GenerationRequest) -> None:
+        self.check_request(request, self.context_length)
+
+    @staticmethod
+    def check_request(request: GenerationRequest, context_length: int) -> None:
         if not request.prompt:
             raise RequestError("the prompt is empty", param="prompt")
-        if len(request.prompt) >= self.context_length:
+        if len(request.prompt) >= context_length:
             raise RequestError(
-                f"This model's maximum context length is {self.context_length} tokens. However, your "
+                f"This model's maximum context length is {context_length} tokens. However, your "
                 f"prompt has {len(request.prompt)} tokens; shorten it or raise serve.context_length.",
                 param="messages",
                 code="context_length_exceeded",
@@ -205,47 +218,63 @@ class InstanceRunner:
             self._wake.set()
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
         try:
-            while True:
-                await self._reap_cancelled()
-                while self._waiting and len(self._active) < self.max_sequences:
-                    live = self._waiting.popleft()
-                    if live.cancelled:
-                        continue
-                    live.started_at = time.monotonic()
-                    self._active[live.request.request_id] = live
-                if not self._active:
-                    self._wake = anyio.Event()
-                    if not self._waiting:
-                        await self._wake.wait()
-                    continue
-                await self._step()
+            async with anyio.create_task_group() as tg:
+                for lane in self._lanes:
+                    tg.start_soon(self._run_lane, lane)
+                task_status.started()
         finally:
             with anyio.CancelScope(shield=True):
-                for live in [*self._active.values(), *self._waiting]:
-                    live.send.send_nowait(ModelNotReadyError(f"{self.model_id} is shutting down"))
+                lost = InstanceLostError(f"{self.model_id} stopped serving on this placement")
+                for live in [*(live for lane in self._lanes for live in lane.values()), *self._waiting]:
+                    live.send.send_nowait(lost)
                     live.send.close()
-                self._active.clear()
+                for lane in self._lanes:
+                    lane.clear()
                 self._waiting.clear()
 
-    async def _reap_cancelled(self) -> None:
-        for request_id, live in list(self._active.items()):
+    def _admit(self, lane: dict[str, _Live]) -> None:
+        per_lane = math.ceil(self.max_sequences / len(self._lanes))
+        while self._waiting and len(lane) < per_lane and sum(len(other) for other in self._lanes) < self.max_sequences:
+            if len(lane) > min(len(other) for other in self._lanes):
+                break  # a less busy lane takes the next request
+            live = self._waiting.popleft()
             if live.cancelled:
-                del self._active[request_id]
+                continue
+            live.started_at = time.monotonic()
+            lane[live.request.request_id] = live
+
+    async def _run_lane(self, lane: dict[str, _Live]) -> None:
+        while True:
+            await self._reap_cancelled(lane)
+            self._admit(lane)
+            if not lane:
+                wake = self._wake
+                if wake.is_set():
+                    self._wake = wake = anyio.Event()
+                    if self._waiting:
+                        continue
+                await wake.wait()
+                continue
+            await self._step(lane)
+
+    async def _reap_cancelled(self, lane: dict[str, _Live]) -> None:
+        for request_id, live in list(lane.items()):
+            if live.cancelled:
+                del lane[request_id]
                 live.send.close()
                 await self.chain.release(request_id)
 
-    async def _step(self) -> None:
+    async def _step(self, lane: dict[str, _Live]) -> None:
         batch: list[SequenceChunk] = []
         members: list[_Live] = []
         budget = self.prefill_budget
-        for live in self._active.values():  # decoding sequences first: they keep their pace
+        for live in lane.values():  # decoding sequences first: they keep their pace
             if not live.prefilling and live.last_token is not None:
                 batch.append(SequenceChunk(live.request.request_id, live.position, (live.last_token,)))
                 members.append(live)
                 budget -= 1
-        for live in self._active.values():
+        for live in lane.values():
             if live.prefilling and budget > 0:
                 prompt = live.request.prompt
                 take = min(len(prompt) - live.position, max(budget, 1))
@@ -261,10 +290,13 @@ class InstanceRunner:
             outputs = await self.chain.step(batch)
         except Exception as exc:
             log.exception("step of %s failed for %d requests", self.model_id, len(batch))
-            error = exc if isinstance(exc, SkulkError) else SkulkError(f"the model failed: {exc}")
+            if isinstance(exc, (TransportError, InstanceLostError)):
+                error: SkulkError = InstanceLostError(f"a stage of {self.model_id} was lost: {exc}")
+            else:
+                error = exc if isinstance(exc, SkulkError) else SkulkError(f"the model failed: {exc}")
             for live in members:
                 live.send.send_nowait(error)
-                self._active.pop(live.request.request_id, None)
+                lane.pop(live.request.request_id, None)
                 live.send.close()
                 with anyio.CancelScope(shield=True):
                     await self.chain.release(live.request.request_id)
@@ -276,8 +308,8 @@ class InstanceRunner:
                 continue
             self._advance(live, output.logits)
         for live in members:
-            if live.finished and live.request.request_id in self._active:
-                del self._active[live.request.request_id]
+            if live.finished and live.request.request_id in lane:
+                del lane[live.request.request_id]
                 live.send.close()
                 await self.chain.release(live.request.request_id)
 
@@ -338,16 +370,20 @@ class InstanceRunner:
 
 @define(eq=False)
 class ServedModel:
-    """A model this node serves (or is loading)."""
+    """A model the cluster serves (or is placing, or failed to), as this node sees it."""
 
     card: ModelCard
     backend: str
     status: str = "loading"  # "loading", "ready", "failed"
     error: str | None = None
     created: int = field(factory=lambda: int(time.time()))
-    runner: InstanceRunner | None = None
-    chain: LocalChain | None = None
+    instance_id: str | None = None
+    head_id: str | None = None  # the node running stage 0 (and the scheduler)
+    stages: int = 1
+    runner: InstanceRunner | None = None  # set when this node is the head
+    chain: Any = None
     context_length: int = 0
+    remote_tokenizer: Tokenizer | None = None
 
     @property
     def id(self) -> str:
@@ -355,13 +391,17 @@ class ServedModel:
 
     @property
     def tokenizer(self) -> Tokenizer:
-        if self.runner is None:
-            raise ModelNotReadyError(self._not_ready())
-        return self.runner.tokenizer
+        if self.runner is not None:
+            return self.runner.tokenizer
+        if self.remote_tokenizer is not None:
+            return self.remote_tokenizer
+        raise ModelNotReadyError(self._not_ready())
 
     def _not_ready(self) -> str:
         if self.status == "failed":
             return f"{self.id} failed to load: {self.error}"
+        if self.status == "ready":
+            return f"{self.id} is served by node {self.head_id}, and this node has no tokenizer for it yet; retry in a moment"
         return f"{self.id} is still loading; retry in a moment"
 
 
@@ -381,11 +421,63 @@ def local_resources(node: Node) -> NodeResources:
 
 
 class ModelServer:
-    """The models this node serves. ``node.models``; the OpenAI frontend calls it."""
+    """The models the cluster serves, as this node's frontend sees them: ``node.models``.
+
+    Requests for an instance this node heads run here; others go to their head node and stream
+    back (see :mod:`skulk_core.instances`). A request that loses its instance before its first
+    token waits for the model to be placed again and is retried there.
+    """
+
+    REPLACE_WAIT = 60.0  # seconds a request waits for a lost instance to be placed again
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self._models: dict[str, ServedModel] = {}
+        self._failures: dict[str, ServedModel] = {}  # models whose placement failed here
+        self._changed_event: anyio.Event | None = None  # made in the event loop, on first use
+
+    @property
+    def _changed(self) -> anyio.Event:
+        if self._changed_event is None:
+            self._changed_event = anyio.Event()
+        return self._changed_event
+
+    # -- the view ------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Rebuild the view from the cluster state (called when it changes)."""
+        instances = self.node.instances
+        me = self.node.node_id
+        best: dict[str, ServedModel] = {}
+        rank = {"ready": 0, "loading": 1, "failed": 2}
+        for record in self.node.cluster.state.instances.values():
+            head = instances.heads.get(record.instance_id)
+            status = record.status
+            if status == "ready" and record.placement.stages[0].node_id == me and head is None:
+                status = "loading"  # the head's scheduler is starting
+            errors = [s for s in record.stage_status.values() if s.startswith("failed")]
+            served = ServedModel(
+                card=record.card,
+                backend=record.placement.stages[0].backend,
+                status=status,
+                error=errors[0].removeprefix("failed: ") if errors else None,
+                created=int(record.created_at) or int(time.time()),
+                instance_id=record.instance_id,
+                head_id=record.placement.stages[0].node_id,
+                stages=len(record.placement.stages),
+                runner=head.runner if head else None,
+                chain=head.chain if head else None,
+                context_length=record.request.context_length or DEFAULT_CONTEXT,
+                remote_tokenizer=instances.cached_tokenizer(record.model_id),
+            )
+            current = best.get(record.model_id)
+            key = (rank.get(served.status, 3), 0 if served.runner is not None else 1)
+            if current is None or key < (rank.get(current.status, 3), 0 if current.runner is not None else 1):
+                best[record.model_id] = served
+        for model_id, failed in self._failures.items():
+            best.setdefault(model_id, failed)
+        self._models = best
+        self._changed.set()
+        self._changed_event = anyio.Event()
 
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
@@ -398,10 +490,11 @@ class ModelServer:
 
     def ready(self, model_id: str) -> ServedModel:
         served = self.get(model_id)
-        if served.status != "ready":
+        if served.status != "ready" or (served.runner is None and served.head_id == self.node.node_id):
             raise ModelNotReadyError(served._not_ready())
         return served
 
+    # -- tokens --------------------------------------------------------------------------------
     def render_chat(self, model_id: str, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> str:
         served = self.ready(model_id)
         tok = served.tokenizer
@@ -413,23 +506,73 @@ class ModelServer:
     def encode(self, model_id: str, text: str, *, add_special: bool = True) -> list[int]:
         return self.ready(model_id).tokenizer.encode(text, add_special=add_special, parse_special=True)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        served = self.ready(request.model)
-        assert served.runner is not None
-        async for chunk in served.runner.generate(request):
-            yield chunk
-
     def check(self, request: GenerationRequest) -> None:
         """Raise the RequestError ``generate`` would raise, before any response is started."""
         served = self.ready(request.model)
-        assert served.runner is not None
-        served.runner.check(request)
+        if served.runner is not None:
+            served.runner.check(request)
+            return
+        InstanceRunner.check_request(request, served.context_length)
+
+    # -- generation ----------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream ``request``'s chunks from whichever node heads the model's instance."""
+        lost: set[str] = set()
+        deadline: float | None = None
+        while True:
+            served = self.ready(request.model)
+            if served.instance_id in lost:
+                served = await self._wait_for_new_instance(request.model, lost, deadline or time.monotonic())
+            produced = False
+            try:
+                if served.runner is not None:
+                    chunks = served.runner.generate(request)
+                else:
+                    chunks = self.node.instances.remote_generate(served.head_id or "", request)
+                # aclosing: when our consumer closes us (its client went away), the inner generator
+                # is closed now, freeing the sequence at once, not whenever the GC gets to it.
+                async with aclosing(chunks) as stream:
+                    async for chunk in stream:
+                        produced = True
+                        yield chunk
+                return
+            except InstanceLostError as exc:
+                if produced:
+                    raise
+                log.warning("%s lost its instance before the first token (%s); retrying on the next placement", request.request_id, exc)
+                lost.add(served.instance_id or "")
+                deadline = deadline or time.monotonic() + self.REPLACE_WAIT
+
+    async def generate_here(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Generate on an instance this node heads (for requests forwarded by other nodes)."""
+        served = self.ready(request.model)
+        if served.runner is None:
+            raise InstanceLostError(f"this node no longer heads {request.model}")
+        async with aclosing(served.runner.generate(request)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _wait_for_new_instance(self, model_id: str, lost: set[str], deadline: float) -> ServedModel:
+        while True:
+            served = self._models.get(model_id)
+            if served is not None and served.status == "ready" and served.instance_id not in lost:
+                if served.runner is not None or served.head_id != self.node.node_id:
+                    return served
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise InstanceLostError(f"{model_id} lost a node and was not placed again within {self.REPLACE_WAIT:.0f} s")
+            with anyio.move_on_after(min(remaining, 1.0)):
+                await self._changed.wait()
 
     async def embed(self, model_id: str, inputs: Sequence[Sequence[int]]) -> list[list[float]]:
         served = self.ready(model_id)
-        assert served.chain is not None
+        if served.chain is None:
+            raise RequestError(
+                f"embeddings for {model_id} are computed on its head node {served.head_id}; send the request there",
+                param="model",
+            )
         engine = served.chain.head
-        if not hasattr(engine, "embed"):
+        if not hasattr(engine, "embed") or served.stages > 1:
             raise RequestError(f"the {served.backend} backend cannot compute embeddings for {model_id}", param="model")
         out = []
         for tokens in inputs:
@@ -442,75 +585,61 @@ class ModelServer:
                     code="context_length_exceeded",
                 )
             async with served.chain.lock:
-                out.append(await engine.embed(tokens))  # type: ignore[attr-defined]
+                out.append(await engine.embed(tokens))
         return out
 
-    async def load(self, ref: str, *, backend: str | None = None) -> ServedModel:
-        """Find, place (on this node), fetch and load ``ref``; start its scheduler."""
-        node = self.node
-        config = node.config.serve
-        card = node.plugins.find_model(ref, node)
-        if card is None:
-            raise ModelError(f"no plugin knows the model {ref!r}; give a GGUF path, or the id {DEFAULT_MODEL_ID}")
-        if card.id in self._models and self._models[card.id].status != "failed":
-            return self._models[card.id]
-        me = NodeView(node.node_id, node.name, local_resources(node))
-        context = min(card.context_length, config.context_length or DEFAULT_CONTEXT)
-        request = PlacementRequest(card.id, backend=backend or config.backend, min_nodes=config.min_nodes, context_length=context, max_sequences=config.max_sequences)
-        placement = node.plugins.place(card, [me], request)
-        if placement is None:
-            raise PlacementError(f"no placement plugin placed {card.id}")
-        if len(placement.stages) != 1:
-            raise PlacementError(f"{card.id} was placed over {len(placement.stages)} nodes; this node serves single-node placements only")
-        stage = placement.stages[0]
-        served = ServedModel(card, stage.backend, context_length=context)
-        self._models[card.id] = served
-        node.emit("instance.placed", model=card.id, instance=placement.instance_id, backend=stage.backend)
-        try:
-            resolver = node.plugins.model_resolver(card, node)
-            if resolver is None:
-                raise ModelError(f"no storage plugin can provide the files of {card.id} ({card.source})")
-            files = await resolver.fetch()
-            impl = node.plugins.backends().backend(stage.backend)
-            settings = node.config.extra.get(stage.backend)
-            options = EngineOptions(context_length=context, max_sequences=config.max_sequences, threads=config.threads, settings=settings)
-            started = time.monotonic()
-            engine = await impl.load(card, files, stage.shard, options)
-            if engine.tokenizer is None:
-                raise ModelError(f"the {stage.backend} engine for {card.id} has no tokenizer")
-            chain = LocalChain([engine])
-            runner = InstanceRunner(card.id, chain, engine.tokenizer, context_length=context, max_sequences=min(config.max_sequences, engine.max_sequences), node=node)
-            await node.task_group.start(self._run_instance, served, runner, chain)
-            log.info("%s ready on %s in %.1f s", card.id, stage.backend, time.monotonic() - started)
-            node.emit("instance.ready", model=card.id, instance=placement.instance_id, load_s=round(time.monotonic() - started, 3))
-        except Exception as exc:
-            served.status, served.error = "failed", str(exc)
-            node.emit("instance.failed", model=card.id, error=str(exc))
-            raise
-        return served
-
-    async def _run_instance(self, served: ServedModel, runner: InstanceRunner, chain: LocalChain, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-        try:
-            async with anyio.create_task_group() as tg:
-                await tg.start(runner.run)
-                served.runner, served.chain, served.status = runner, chain, "ready"
-                task_status.started()
-        finally:
-            served.status = "failed" if served.status != "ready" else "stopped"
-            await chain.close()
+    # -- placing -------------------------------------------------------------------------------
+    async def load(
+        self, ref: str, *, backend: str | None = None, min_nodes: int | None = None, wait: bool = True
+    ) -> ServedModel:
+        """Ask the cluster to place ``ref`` and (with ``wait``) wait until it is ready or failed."""
+        config = self.node.config.serve
+        instance_id = await self.node.instances.place(
+            ref,
+            backend=backend or config.backend,
+            min_nodes=min_nodes or config.min_nodes,
+            context_length=config.context_length,
+            max_sequences=config.max_sequences,
+        )
+        while True:
+            for served in self._models.values():
+                if served.instance_id == instance_id and (not wait or served.status in ("ready", "failed")):
+                    if served.status == "failed":
+                        raise ModelError(served._not_ready())
+                    return served
+            await self._changed.wait()
 
     async def serve_configured(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
-        """The node service that loads ``serve.model`` at start-up (in the background)."""
+        """The node service that places ``serve.model`` at start-up (in the background)."""
         config = self.node.config.serve
         ref = config.model or DEFAULT_MODEL_ID
         if not config.enabled:
             task_status.started()
             return
         # Finding the card is quick and catches a wrong --model before the node reports ready.
-        if self.node.plugins.find_model(ref, self.node) is None:
+        card = self.node.plugins.find_model(ref, self.node)
+        if card is None:
             raise ModelError(f"no plugin knows the model {ref!r}; give a GGUF path, or the id {DEFAULT_MODEL_ID}")
         task_status.started()
-        try:
-            await self.load(ref)
-        except SkulkError as exc:
-            log.error("cannot serve %s: %s", ref, exc)
+        last_error = None
+        while True:
+            try:
+                if self.node.cluster.master_id is None:
+                    raise TransportError("waiting for the cluster to elect a master")
+                served = await self.load(ref)
+                log.info("%s is ready (instance %s, %d stage(s), head %s)", served.id, served.instance_id, served.stages, served.head_id)
+                self._failures.pop(card.id, None)
+                return
+            except (PlacementError, TransportError) as exc:
+                # Not enough nodes yet (min_nodes), or no master yet: try again as the cluster grows.
+                if str(exc) != last_error:
+                    log.warning("cannot place %s yet: %s", ref, exc)
+                    last_error = str(exc)
+                    self._failures[card.id] = ServedModel(card, config.backend or "-", "failed", str(exc))
+                    self.refresh()
+                await anyio.sleep(1.0)
+            except SkulkError as exc:
+                log.error("cannot serve %s: %s", ref, exc)
+                self._failures[card.id] = ServedModel(card, config.backend or "-", "failed", str(exc))
+                self.refresh()
+                return

@@ -40,8 +40,10 @@ class Node:
         self._task_group: anyio.abc.TaskGroup | None = None
         from skulk_core.cluster.service import Cluster
         from skulk_core.inference import ModelServer
+        from skulk_core.instances import Instances
 
         self.cluster = Cluster(self)
+        self.instances = Instances(self)
         self.models = ModelServer(self)
 
     @property
@@ -93,6 +95,7 @@ class Node:
                         raise
                     except Exception as exc:
                         raise PluginError(entry.plugin, f"service {entry.name!r} failed to start: {exc!r}") from exc
+                await tg.start(self.instances.run)
                 await tg.start(self.cluster.run)
                 await tg.start(self.models.serve_configured)
                 self.started_at = time.time()

@@ -46,7 +46,11 @@ def start_node_in_thread(
     sections: dict[str, dict[str, Any]] | None = None,
     document: dict[str, Any] | None = None,
 ) -> Node:
-    """Start a node on loopback in a worker thread's event loop; ``stack`` stops it."""
+    """Start a node on loopback in a worker thread's event loop; ``stack`` stops it.
+
+    ``node.portal`` (an anyio blocking portal) runs coroutines in the node's loop:
+    ``node.portal.call(some_async_function)``.
+    """
     from anyio.from_thread import start_blocking_portal
 
     cli: dict[str, dict[str, Any]] = {
@@ -63,6 +67,7 @@ def start_node_in_thread(
     portal = stack.enter_context(start_blocking_portal())
     future, _ = portal.start_task(node.run, name=f"skulk node {node.node_id}")
     stack.callback(future.cancel)
+    node.portal = portal  # type: ignore[attr-defined]  # run coroutines in the node's own loop
     return node
 
 

@@ -24,8 +24,12 @@ from skulk_core.cluster.state import (
     apply,
 )
 from skulk_core.errors import ProtocolError
+from skulk_core.model import ModelCard, ModelSource
 from skulk_core.placement import NodeResources, Placement, PlacementRequest, ShardRange, StageAssignment
 from skulk_core.wire import PROTOCOL_VERSION, decode, encode
+
+
+CARD = ModelCard("m", "llama", 30, 576, 9, 3, 2048, 100, 1000, ModelSource("local", path="/models/m.gguf"), chat_template="{{ x }}")
 
 
 def record(node_id: str, memory: int = 8 << 30) -> NodeRecord:
@@ -39,7 +43,7 @@ def events() -> list[object]:
         NodeJoined(record("a")),
         NodeJoined(record("b")),
         NodeUpdated("b", NodeResources(16 << 30, 15 << 30, 4), ("127.0.0.1:9",), "http://127.0.0.1:1"),
-        InstancePlaced(InstanceRecord("i1", "m", placement, PlacementRequest("m", min_nodes=2))),
+        InstancePlaced(InstanceRecord("i1", "m", placement, PlacementRequest("m", min_nodes=2), CARD)),
         StageStatusChanged("i1", "a", "ready"),
         StageStatusChanged("i1", "b", "ready"),
         NodeJoined(record("c")),

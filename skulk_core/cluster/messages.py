@@ -6,8 +6,11 @@ from collections.abc import Mapping
 
 from attrs import field, frozen
 
+from skulk_core.backend import SequenceChunk
 from skulk_core.cluster.state import ClusterState, LogEntry
+from skulk_core.inference import GenerationChunk, GenerationRequest
 from skulk_core.placement import NodeResources
+from skulk_core.tensor import Tensor
 from skulk_core.wire import message
 
 
@@ -63,3 +66,111 @@ class SyncRequest:
 @frozen
 class Snapshot:
     state: ClusterState
+
+
+# -- commands to the master ----------------------------------------------------------------------
+
+
+@message("command")
+@frozen
+class Command:
+    """A request to the master; answered by :class:`CommandReply` with the same ``command_id``."""
+
+    command_id: str
+    action: str  # "place", "delete"
+    model: str | None = None
+    backend: str | None = None
+    min_nodes: int = 1
+    context_length: int | None = None
+    max_sequences: int = 8
+    instance_id: str | None = None
+
+
+@message("command_reply")
+@frozen
+class CommandReply:
+    command_id: str
+    ok: bool
+    instance_id: str | None = None
+    error: str | None = None
+    error_kind: str | None = None  # "placement", "model", "request"
+
+
+@message("stage_report")
+@frozen
+class StageReport:
+    """A stage node tells the master how loading its stage went."""
+
+    instance_id: str
+    status: str  # "loading", "ready", "failed: why"
+
+
+# -- the compute plane: activations between stages ------------------------------------------------
+
+
+@message("stage_forward")
+@frozen
+class StageForward:
+    """A step's chunks for stage ``stage_index`` of an instance; the last stage answers the
+    ``origin`` (the head) with :class:`StageResult`."""
+
+    instance_id: str
+    step_id: str
+    origin: str
+    stage_index: int
+    chunks: tuple[SequenceChunk, ...] = field(converter=tuple)
+
+
+@message("stage_result")
+@frozen
+class StageResult:
+    instance_id: str
+    step_id: str
+    outputs: tuple[WireOutput, ...] = field(converter=tuple, factory=tuple)
+    error: str | None = None
+
+
+@frozen
+class WireOutput:
+    request_id: str
+    logits: Tensor | None = None
+
+
+@message("stage_release")
+@frozen
+class StageRelease:
+    instance_id: str
+    request_id: str
+
+
+# -- the data plane: generated tokens back to the node that took the request ----------------------
+
+
+@message("generate")
+@frozen
+class GenerateForward:
+    stream_id: str
+    request: GenerationRequest
+
+
+@message("stream_chunk")
+@frozen
+class StreamChunk:
+    stream_id: str
+    chunk: GenerationChunk
+
+
+@message("stream_end")
+@frozen
+class StreamEnd:
+    stream_id: str
+    error: str | None = None
+    error_kind: str | None = None  # "request", "lost", "not_ready", "error"
+    param: str | None = None
+    code: str | None = None
+
+
+@message("stream_cancel")
+@frozen
+class StreamCancel:
+    stream_id: str

@@ -19,7 +19,7 @@ import anyio
 from attrs import define, field
 
 from skulk_core.cluster.election import Candidate, Election, View
-from skulk_core.cluster.messages import Elect, Heartbeat, Hello, LogAppend, Snapshot, SyncRequest
+from skulk_core.cluster.messages import CommandReply, Elect, Heartbeat, Hello, LogAppend, Snapshot, SyncRequest
 from skulk_core.cluster.state import (
     ClusterState,
     LogEntry,
@@ -128,6 +128,12 @@ class Cluster:
         self._resources: NodeResources | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._pending: list[LogEntry] = []  # the master's entries not yet sent
+        self._handlers: dict[type, Any] = {}  # message class -> async handler(peer_id, msg)
+        self._watchers: list[Any] = []  # called with no arguments after the state changes
+        self._leave_watchers: list[Any] = []  # called with a node id when a peer is gone
+        self._replies: dict[str, tuple[anyio.Event, list[Any]]] = {}
+        self._view_since = time.monotonic()  # when we adopted the current election view
+        self._master_seen_alive = False  # whether the current master has been alive for us since
 
     # -- views -----------------------------------------------------------------------------
     @property
@@ -195,6 +201,86 @@ class Cluster:
                 for i in self.state.instances.values()
             ],
         }
+
+    # -- for other parts of the core: messages, commands, state watching --------------------
+    def on(self, message_class: type, handler: Any) -> None:
+        """Route messages of ``message_class`` to ``async handler(peer_id, msg)``. Handlers run in
+        the connection's reader, so anything slow must be started as a task."""
+        self._handlers[message_class] = handler
+
+    def watch(self, callback: Any) -> None:
+        """``callback()`` runs (synchronously) after every change of the replicated state."""
+        self._watchers.append(callback)
+
+    def watch_leaves(self, callback: Any) -> None:
+        """``callback(node_id)`` runs when a peer stops being alive."""
+        self._leave_watchers.append(callback)
+
+    def _state_changed(self) -> None:
+        for callback in self._watchers:
+            try:
+                callback()
+            except Exception:
+                log.exception("a cluster state watcher failed")
+
+    async def send_to(self, node_id: str, msg: object) -> bool:
+        """Send ``msg`` to ``node_id``; False if it is not connected or the send failed."""
+        peer = self.peers.get(node_id)
+        return False if peer is None else await self._send(peer, msg)
+
+    def is_alive(self, node_id: str) -> bool:
+        if node_id == self.node_id:
+            return True
+        peer = self.peers.get(node_id)
+        return peer is not None and peer.alive
+
+    def write(self, event: object) -> None:
+        """Append an event to the log (master only); it is sent on the next :meth:`flush`."""
+        if not self.is_master:
+            raise SkulkError("only the master writes cluster events")
+        self._append(event)
+
+    async def flush(self) -> None:
+        await self._flush()
+
+    async def ask_master(self, command: object, timeout: float = 30.0) -> Any:
+        """Send a command to the master and wait for its reply (raises TransportError)."""
+        from skulk_core.cluster.messages import Command
+
+        assert isinstance(command, Command)
+        master = self.master_id
+        if master is None:
+            raise TransportError("the cluster has no master yet; retry in a moment")
+        if master == self.node_id:
+            raise SkulkError("ask_master called on the master")
+        done = anyio.Event()
+        self._replies[command.command_id] = (done, [])
+        try:
+            if not await self.send_to(master, command):
+                raise TransportError(f"cannot reach the master {master}")
+            with anyio.fail_after(timeout):
+                await done.wait()
+            return self._replies[command.command_id][1][0]
+        except TimeoutError:
+            raise TransportError(f"the master {master} did not answer within {timeout:.0f} s") from None
+        finally:
+            self._replies.pop(command.command_id, None)
+
+    def node_views(self) -> list[Any]:
+        """The live nodes as placement sees them (resources as of their last heartbeat)."""
+        from skulk_core.placement import NodeView
+
+        views = []
+        for record in self.state.nodes.values():
+            if record.node_id == self.node_id:
+                resources = self._resources or record.resources
+            elif self.is_alive(record.node_id):
+                peer = self.peers[record.node_id]
+                resources = peer.heartbeat.resources if peer.heartbeat else record.resources
+            else:
+                continue
+            views.append(NodeView(record.node_id, record.name, resources))
+        return views
 
     # -- running ---------------------------------------------------------------------------
     def _record(self) -> NodeRecord:
@@ -422,7 +508,7 @@ class Cluster:
             for node_id, address in msg.peers.items():
                 if node_id != self.node_id and address not in self._dial_at and address not in self.addresses:
                     self._dial_at[address] = 0.0
-            if msg.master_id is not None and (msg.master_id == peer.node_id or msg.master_id in self.peers or msg.master_id == self.node_id):
+            if msg.master_id is not None:
                 await self._observe(View(msg.round, msg.master_id, msg.master_force))
             if peer.node_id == self.master_id and msg.index > self.state.index:
                 await self._request_sync(peer)
@@ -431,18 +517,31 @@ class Cluster:
         elif isinstance(msg, LogAppend):
             if peer.node_id != self.master_id:
                 return
+            before = self.state.index
             for entry in msg.entries:
                 if entry.index == self.state.index + 1:
                     self.state = apply(self.state, entry)
                 elif entry.index > self.state.index + 1:
                     await self._request_sync(peer, force=True)
                     break
+            if self.state.index != before:
+                self._state_changed()
         elif isinstance(msg, SyncRequest):
             if self.is_master:
                 await self._send(peer, Snapshot(self.state))
         elif isinstance(msg, Snapshot):
             if peer.node_id == self.master_id:  # the master's state is the truth
                 self.state = msg.state
+                self._state_changed()
+        elif isinstance(msg, CommandReply):
+            waiter = self._replies.get(msg.command_id)
+            if waiter is not None:
+                waiter[1].append(msg)
+                waiter[0].set()
+        else:
+            handler = self._handlers.get(type(msg))
+            if handler is not None:
+                await handler(peer.node_id, msg)
 
     async def _request_sync(self, peer: Peer, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -456,6 +555,8 @@ class Cluster:
 
     async def _view_changed(self) -> None:
         view = self.election.view
+        self._view_since = time.monotonic()
+        self._master_seen_alive = False
         log.info("master is now %s (round %d)", view.master_id, view.round)
         self.node.emit("master.elected", master_id=view.master_id, round=view.round)
         if view.master_id == self.node_id:
@@ -491,6 +592,12 @@ class Cluster:
                 self.node.emit("peer.joined", peer_id=peer.node_id, name=peer.hello.name if peer.hello else None)
             elif peer.alive and not alive:
                 self.node.emit("peer.left", peer_id=peer.node_id, reason="connection lost" if not peer.connections else "missed heartbeats")
+                peer.alive = False
+                for callback in self._leave_watchers:
+                    try:
+                        callback(peer.node_id)
+                    except Exception:
+                        log.exception("a peer-left watcher failed")
             peer.alive = alive
 
     async def _maybe_elect(self) -> None:
@@ -499,8 +606,13 @@ class Cluster:
         if master == self.node_id:
             return
         if master is not None and master in self.peers and self.peers[master].alive:
+            self._master_seen_alive = True
             return
         since_start = now - self._started
+        if master is not None and not self._master_seen_alive and now - self._view_since < self.config.node_timeout + 1.0:
+            # We adopted a master we have not reached yet (the mesh is still forming): give the
+            # dialler time rather than start a round that would unseat a healthy master.
+            return
         if master is None:
             if since_start < STARTUP_WAIT:
                 return
@@ -524,6 +636,7 @@ class Cluster:
         entry = LogEntry(self.state.index + 1, self.election.round, event)  # type: ignore[arg-type]
         self.state = apply(self.state, entry)
         self._pending.append(entry)
+        self._state_changed()
 
     async def _flush(self) -> None:
         if self._pending:

@@ -13,6 +13,7 @@ from typing import Union
 
 from attrs import evolve, field, frozen
 
+from skulk_core.model import ModelCard
 from skulk_core.placement import NodeResources, Placement, PlacementRequest
 from skulk_core.wire import message, tagged_union
 
@@ -34,6 +35,7 @@ class InstanceRecord:
     model_id: str
     placement: Placement
     request: PlacementRequest
+    card: ModelCard
     status: str = "loading"  # "loading", "ready", "failed"
     stage_status: Mapping[str, str] = field(factory=dict)  # node_id -> "loading" | "ready" | "failed: why"
     created_at: float = 0.0

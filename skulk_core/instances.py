@@ -1,0 +1,604 @@
+"""Instances across the cluster: placing them, loading this node's stages, running pipelines.
+
+The lifecycle: a node asks the master to place a model (``Command("place")``); the master runs the
+placement hook over the live nodes and writes ``InstancePlaced``. Every node applies the event; a
+node that holds a stage resolves the model's files, loads its layer range with its backend and
+reports (``StageReport``); the master writes ``StageStatusChanged``. When every stage is ready the
+head node (stage 0) starts the scheduler with a :class:`DistributedChain`: its own engine, then
+the other stages over the transport, the last stage sending logits back to the head. Any node's
+frontend can serve the instance: requests go to the head, tokens come back (``generate`` /
+``stream_chunk``). When a stage's node leaves, the master removes the instance and places the
+model again on the nodes left.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from attrs import define, evolve, field
+
+from skulk_core.backend import Engine, EngineOptions, SequenceChunk, StageOutput, Tokenizer
+from skulk_core.cluster.messages import (
+    Command,
+    CommandReply,
+    GenerateForward,
+    StageForward,
+    StageRelease,
+    StageReport,
+    StageResult,
+    StreamCancel,
+    StreamChunk,
+    StreamEnd,
+    WireOutput,
+)
+from skulk_core.cluster.state import InstancePlaced, InstanceRecord, InstanceRemoved, StageStatusChanged
+from skulk_core.errors import (
+    BackendError,
+    ModelError,
+    PlacementError,
+    RequestError,
+    SkulkError,
+    TransportError,
+)
+from skulk_core.inference import (
+    DEFAULT_CONTEXT,
+    GenerationChunk,
+    GenerationRequest,
+    InstanceLostError,
+    InstanceRunner,
+    ModelNotReadyError,
+)
+from skulk_core.placement import PlacementRequest
+from skulk_core.tensor import Tensor
+
+if TYPE_CHECKING:
+    from skulk_core.node import Node
+
+log = logging.getLogger("skulk.instances")
+
+STEP_TIMEOUT = 300.0  # a remote step (a long prefill on a slow stage) may take this long
+
+
+@define(eq=False)
+class LocalStage:
+    """A stage of an instance that this node runs."""
+
+    instance: InstanceRecord
+    index: int
+    status: str = "loading"
+    engine: Engine | None = None
+    scope: anyio.CancelScope = field(factory=anyio.CancelScope)
+    lock: anyio.Lock = field(factory=anyio.Lock)  # one step at a time through the engine
+    inbox: Any = None  # memory stream of remote work, in arrival order
+
+    @property
+    def instance_id(self) -> str:
+        return self.instance.instance_id
+
+
+@define(eq=False)
+class _PendingStep:
+    nodes: frozenset[str]
+    done: anyio.Event = field(factory=anyio.Event)
+    result: StageResult | None = None
+    error: str | None = None
+
+
+class DistributedChain:
+    """The head's view of a pipeline: its own engine, then the other stages over the transport."""
+
+    def __init__(self, instances: Instances, stage: LocalStage) -> None:
+        self.instances = instances
+        self.stage = stage
+        self.record = stage.instance
+        self.stages = self.record.placement.stages
+
+    @property
+    def head(self) -> Engine:
+        assert self.stage.engine is not None
+        return self.stage.engine
+
+    @property
+    def lock(self) -> anyio.Lock:
+        return self.stage.lock
+
+    async def step(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]:
+        async with self.stage.lock:
+            outputs = await self.head.step(batch)
+        if len(self.stages) == 1:
+            return outputs
+        chunks = tuple(evolve(chunk, tokens=None, hidden=out.hidden) for chunk, out in zip(batch, outputs))
+        step_id = uuid.uuid4().hex
+        pending = _PendingStep(frozenset(s.node_id for s in self.stages[1:]))
+        self.instances.pending[step_id] = pending
+        try:
+            forward = StageForward(self.record.instance_id, step_id, self.instances.node.node_id, 1, chunks)
+            if any(not self.instances.node.cluster.is_alive(n) for n in pending.nodes):
+                raise TransportError("a stage's node is gone")
+            if not await self.instances.node.cluster.send_to(self.stages[1].node_id, forward):
+                raise TransportError(f"cannot reach stage 1 on {self.stages[1].node_id}")
+            with anyio.fail_after(STEP_TIMEOUT):
+                await pending.done.wait()
+        except TimeoutError:
+            raise TransportError(f"no answer from the pipeline of {self.record.model_id} within {STEP_TIMEOUT:.0f} s") from None
+        finally:
+            self.instances.pending.pop(step_id, None)
+        if pending.error is not None:
+            raise TransportError(pending.error)
+        assert pending.result is not None
+        if pending.result.error is not None:
+            raise BackendError(f"a stage of {self.record.model_id} failed: {pending.result.error}")
+        return [StageOutput(o.request_id, logits=None if o.logits is None else o.logits.to_numpy()) for o in pending.result.outputs]
+
+    async def release(self, request_id: str) -> None:
+        await self.head.release(request_id)
+        for stage in self.stages[1:]:
+            await self.instances.node.cluster.send_to(stage.node_id, StageRelease(self.record.instance_id, request_id))
+
+    async def close(self) -> None:
+        pass  # the engine belongs to the LocalStage, closed when the stage is unloaded
+
+
+@define(eq=False)
+class HeadInstance:
+    record: InstanceRecord
+    runner: InstanceRunner
+    chain: DistributedChain
+    scope: anyio.CancelScope
+
+
+class Instances:
+    """``node.instances``: placement commands, this node's stages, and pipelines it heads."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.stages: dict[str, LocalStage] = {}
+        self.heads: dict[str, HeadInstance] = {}
+        self.pending: dict[str, _PendingStep] = {}
+        self._streams: dict[str, tuple[str, Any]] = {}  # stream id -> (head node, send stream)
+        self._serving: dict[str, anyio.CancelScope] = {}  # stream id -> scope of a forwarded generation
+        self._tokenizers: dict[str, Tokenizer] = {}
+        self._changed_event: anyio.Event | None = None  # made in the event loop, on first use
+        cluster = node.cluster
+        cluster.on(Command, self._on_command)
+        cluster.on(StageReport, self._on_stage_report)
+        cluster.on(StageForward, self._on_stage_forward)
+        cluster.on(StageResult, self._on_stage_result)
+        cluster.on(StageRelease, self._on_stage_release)
+        cluster.on(GenerateForward, self._on_generate)
+        cluster.on(StreamChunk, self._on_stream_chunk)
+        cluster.on(StreamEnd, self._on_stream_end)
+        cluster.on(StreamCancel, self._on_stream_cancel)
+        cluster.watch(self.changed)
+        cluster.watch_leaves(self._peer_left)
+
+    # -- running -----------------------------------------------------------------------------
+    @property
+    def _changed(self) -> anyio.Event:
+        if self._changed_event is None:
+            self._changed_event = anyio.Event()
+        return self._changed_event
+
+    async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            while True:
+                await self._changed.wait()
+                self._changed_event = anyio.Event()
+                await self._reconcile()
+        finally:
+            with anyio.CancelScope(shield=True):
+                for head in list(self.heads.values()):
+                    head.scope.cancel()
+                for stage in list(self.stages.values()):
+                    await self._unload(stage)
+
+    def changed(self) -> None:
+        self._changed.set()
+
+    async def _reconcile(self) -> None:
+        cluster = self.node.cluster
+        state = cluster.state
+        me = self.node.node_id
+        if cluster.is_master:
+            await self._replace_lost(state)
+            state = cluster.state
+        for record in state.instances.values():
+            for index, stage in enumerate(record.placement.stages):
+                if stage.node_id == me and record.instance_id not in self.stages:
+                    local = LocalStage(record, index)
+                    self.stages[record.instance_id] = local
+                    self.node.task_group.start_soon(self._load, local, name=f"load {record.model_id} stage {index}")
+        for instance_id, local in list(self.stages.items()):
+            if instance_id not in state.instances:
+                await self._unload(local)
+        for record in state.instances.values():
+            head = record.placement.stages[0]
+            local = self.stages.get(record.instance_id)
+            if record.status == "ready" and head.node_id == me and record.instance_id not in self.heads and local and local.engine:
+                await self._start_head(record, local)
+        for instance_id, head in list(self.heads.items()):
+            if instance_id not in state.instances:
+                head.scope.cancel()
+                self.heads.pop(instance_id, None)
+        for record in state.instances.values():
+            if record.status == "ready" and record.model_id not in self._tokenizers and record.instance_id not in self.heads:
+                self.node.task_group.start_soon(self._fetch_tokenizer, record)
+        self.node.models.refresh()
+
+    async def _fetch_tokenizer(self, record: InstanceRecord) -> None:
+        try:
+            await self.tokenizer_for(record)
+        except SkulkError as exc:
+            log.info("no tokenizer for %s on this node: %s", record.model_id, exc)
+        self.node.models.refresh()
+
+    # -- placement (any node asks; the master decides) ---------------------------------------
+    async def place(
+        self,
+        ref: str,
+        *,
+        backend: str | None = None,
+        min_nodes: int = 1,
+        context_length: int | None = None,
+        max_sequences: int = 8,
+    ) -> str:
+        """Ask the master to place ``ref``; the instance id (an existing one if the model is
+        already placed and not failed)."""
+        command = Command(uuid.uuid4().hex, "place", ref, backend, min_nodes, context_length, max_sequences)
+        cluster = self.node.cluster
+        if cluster.is_master:
+            reply = await self._execute(command)
+        else:
+            reply = await cluster.ask_master(command)
+        if not reply.ok:
+            kind = {"placement": PlacementError, "model": ModelError, "request": RequestError}.get(reply.error_kind or "", SkulkError)
+            raise kind(reply.error or "placement failed")
+        return reply.instance_id or ""
+
+    async def delete(self, instance_id: str) -> None:
+        command = Command(uuid.uuid4().hex, "delete", instance_id=instance_id)
+        cluster = self.node.cluster
+        reply = await self._execute(command) if cluster.is_master else await cluster.ask_master(command)
+        if not reply.ok:
+            raise RequestError(reply.error or "delete failed", code="instance_not_found")
+
+    async def _on_command(self, peer_id: str, command: Command) -> None:
+        if not self.node.cluster.is_master:
+            await self.node.cluster.send_to(peer_id, CommandReply(command.command_id, False, error="this node is not the master; retry", error_kind="request"))
+            return
+        reply = await self._execute(command)
+        await self.node.cluster.send_to(peer_id, reply)
+
+    async def _execute(self, command: Command) -> CommandReply:
+        cluster = self.node.cluster
+        try:
+            if command.action == "place":
+                instance_id = self._place_as_master(command)
+            elif command.action == "delete":
+                if command.instance_id not in cluster.state.instances:
+                    return CommandReply(command.command_id, False, error=f"no instance {command.instance_id!r}", error_kind="request")
+                cluster.write(InstanceRemoved(command.instance_id or "", "deleted by a user"))
+                instance_id = command.instance_id
+            else:
+                return CommandReply(command.command_id, False, error=f"unknown command {command.action!r}", error_kind="request")
+        except PlacementError as exc:
+            return CommandReply(command.command_id, False, error=str(exc), error_kind="placement")
+        except ModelError as exc:
+            return CommandReply(command.command_id, False, error=str(exc), error_kind="model")
+        except SkulkError as exc:
+            return CommandReply(command.command_id, False, error=str(exc), error_kind="request")
+        await cluster.flush()
+        return CommandReply(command.command_id, True, instance_id=instance_id)
+
+    def _place_as_master(self, command: Command, *, exclude: frozenset[str] = frozenset()) -> str:
+        node, cluster = self.node, self.node.cluster
+        card = node.plugins.find_model(command.model or "", node)
+        if card is None:
+            raise ModelError(f"no plugin knows the model {command.model!r}")
+        for record in cluster.state.instances.values():
+            if record.model_id == card.id and record.status != "failed" and len(record.placement.stages) >= command.min_nodes:
+                return record.instance_id
+        context = min(card.context_length, command.context_length or DEFAULT_CONTEXT)
+        request = PlacementRequest(
+            card.id,
+            backend=command.backend,
+            min_nodes=command.min_nodes,
+            context_length=context,
+            max_sequences=command.max_sequences,
+            exclude_nodes=exclude,
+        )
+        placement = node.plugins.place(card, cluster.node_views(), request)
+        if placement is None:
+            raise PlacementError(f"no placement plugin placed {card.id}")
+        record = InstanceRecord(placement.instance_id, card.id, placement, request, card, created_at=time.time())
+        cluster.write(InstancePlaced(record))
+        layers = ", ".join(f"{s.node_id}[{s.shard.start}:{s.shard.end}]" for s in placement.stages)
+        log.info("placed %s as %s on %s", card.id, placement.instance_id, layers)
+        node.emit("instance.placed", model=card.id, instance=placement.instance_id, stages=layers)
+        return placement.instance_id
+
+    async def _replace_lost(self, state: Any) -> None:
+        """Master: an instance with a stage on a node that left is removed and placed again."""
+        cluster = self.node.cluster
+        for record in list(state.instances.values()):
+            gone = [s.node_id for s in record.placement.stages if s.node_id not in state.nodes]
+            if not gone:
+                continue
+            cluster.write(InstanceRemoved(record.instance_id, f"node {gone[0]} left"))
+            self.node.emit("instance.lost", model=record.model_id, instance=record.instance_id, node_id=gone[0])
+            command = Command(uuid.uuid4().hex, "place", record.card.source.path if record.card.source.kind == "local" else record.model_id,
+                              record.request.backend, 1, record.request.context_length, record.request.max_sequences)
+            try:
+                new_id = self._place_as_master(command)
+                log.info("re-placed %s after node %s left: %s", record.model_id, gone[0], new_id)
+            except SkulkError as exc:
+                log.error("cannot re-place %s after node %s left: %s", record.model_id, gone[0], exc)
+                self.node.emit("instance.unplaceable", model=record.model_id, error=str(exc))
+        await cluster.flush()
+
+    async def _on_stage_report(self, peer_id: str, report: StageReport) -> None:
+        cluster = self.node.cluster
+        if cluster.is_master and report.instance_id in cluster.state.instances:
+            cluster.write(StageStatusChanged(report.instance_id, peer_id, report.status))
+            await cluster.flush()
+
+    async def _report(self, instance_id: str, status: str) -> None:
+        cluster = self.node.cluster
+        if cluster.is_master:
+            if instance_id in cluster.state.instances:
+                cluster.write(StageStatusChanged(instance_id, self.node.node_id, status))
+                await cluster.flush()
+        elif cluster.master_id is not None:
+            await cluster.send_to(cluster.master_id, StageReport(instance_id, status))
+
+    # -- this node's stages ------------------------------------------------------------------
+    async def _load(self, local: LocalStage) -> None:
+        node, record = self.node, local.instance
+        stage = record.placement.stages[local.index]
+        with local.scope:
+            try:
+                resolver = node.plugins.model_resolver(record.card, node)
+                if resolver is None:
+                    raise ModelError(f"no storage plugin can provide the files of {record.model_id} ({record.card.source})")
+                files = await resolver.fetch()
+                backend = node.plugins.backends().backend(stage.backend)
+                options = EngineOptions(
+                    context_length=record.request.context_length or DEFAULT_CONTEXT,
+                    max_sequences=record.request.max_sequences,
+                    threads=node.config.serve.threads,
+                    settings=node.config.extra.get(stage.backend),
+                )
+                started = time.monotonic()
+                local.engine = await backend.load(record.card, files, stage.shard, options)
+                if local.index == 0 and local.engine.tokenizer is None:
+                    raise ModelError(f"the {stage.backend} engine for the first stage of {record.model_id} has no tokenizer")
+                local.status = "ready"
+                log.info("stage %d of %s (layers %d-%d, %s) loaded in %.1f s", local.index, record.model_id, stage.shard.start, stage.shard.end - 1, stage.backend, time.monotonic() - started)
+                node.emit("stage.ready", model=record.model_id, instance=record.instance_id, layers=[stage.shard.start, stage.shard.end], load_s=round(time.monotonic() - started, 3))
+            except Exception as exc:
+                local.status = f"failed: {exc}"
+                log.error("stage %d of %s failed to load: %s", local.index, record.model_id, exc)
+                node.emit("stage.failed", model=record.model_id, instance=record.instance_id, error=str(exc))
+        if local.scope.cancel_called:
+            return
+        send, receive = anyio.create_memory_object_stream[StageForward](1024)
+        local.inbox = send
+        if local.status == "ready" and local.index > 0:
+            node.task_group.start_soon(self._stage_worker, local, receive)
+        await self._report(record.instance_id, local.status)
+
+    async def _unload(self, local: LocalStage) -> None:
+        self.stages.pop(local.instance_id, None)
+        local.scope.cancel()
+        if local.inbox is not None:
+            local.inbox.close()
+        if local.engine is not None:
+            with anyio.CancelScope(shield=True):
+                async with local.lock:
+                    await local.engine.close()
+            local.engine = None
+        log.info("unloaded stage %d of %s", local.index, local.instance.model_id)
+
+    async def _stage_worker(self, local: LocalStage, inbox: Any) -> None:
+        """Run remote steps for a non-head stage, in the order they arrive."""
+        record = local.instance
+        stages = record.placement.stages
+        async with inbox:
+            async for forward in inbox:
+                if local.engine is None:
+                    return
+                try:
+                    async with local.lock:
+                        outputs = await local.engine.step(forward.chunks)
+                except Exception as exc:
+                    log.exception("stage %d of %s failed a step", local.index, record.model_id)
+                    await self.node.cluster.send_to(forward.origin, StageResult(record.instance_id, forward.step_id, error=str(exc)))
+                    continue
+                if local.index + 1 < len(stages):
+                    chunks = tuple(evolve(c, tokens=None, hidden=o.hidden) for c, o in zip(forward.chunks, outputs))
+                    nxt = StageForward(record.instance_id, forward.step_id, forward.origin, local.index + 1, chunks)
+                    if not await self.node.cluster.send_to(stages[local.index + 1].node_id, nxt):
+                        await self.node.cluster.send_to(forward.origin, StageResult(record.instance_id, forward.step_id, error=f"stage {local.index + 1} is unreachable"))
+                else:
+                    result = StageResult(
+                        record.instance_id,
+                        forward.step_id,
+                        tuple(WireOutput(o.request_id, None if o.logits is None else Tensor.from_numpy(o.logits)) for o in outputs),
+                    )
+                    await self.node.cluster.send_to(forward.origin, result)
+
+    async def _on_stage_forward(self, peer_id: str, forward: StageForward) -> None:
+        local = self.stages.get(forward.instance_id)
+        if local is None or local.inbox is None or local.index != forward.stage_index:
+            await self.node.cluster.send_to(forward.origin, StageResult(forward.instance_id, forward.step_id, error="stage not loaded here"))
+            return
+        try:
+            local.inbox.send_nowait(forward)
+        except (anyio.WouldBlock, anyio.ClosedResourceError):
+            await self.node.cluster.send_to(forward.origin, StageResult(forward.instance_id, forward.step_id, error="stage overloaded or closing"))
+
+    async def _on_stage_result(self, peer_id: str, result: StageResult) -> None:
+        pending = self.pending.get(result.step_id)
+        if pending is not None:
+            pending.result = result
+            pending.done.set()
+
+    async def _on_stage_release(self, peer_id: str, release: StageRelease) -> None:
+        local = self.stages.get(release.instance_id)
+        if local is not None and local.engine is not None:
+            async with local.lock:
+                await local.engine.release(release.request_id)
+
+    def _peer_left(self, node_id: str) -> None:
+        for pending in self.pending.values():
+            if node_id in pending.nodes and not pending.done.is_set():
+                pending.error = f"node {node_id} left"
+                pending.done.set()
+        for stream_id, (head, send) in list(self._streams.items()):
+            if head == node_id:
+                send.send_nowait(StreamEnd(stream_id, f"node {node_id}, which was serving this request, left", "lost"))
+        self._changed.set()
+
+    # -- pipelines this node heads -----------------------------------------------------------
+    async def _start_head(self, record: InstanceRecord, local: LocalStage) -> None:
+        assert local.engine is not None and local.engine.tokenizer is not None
+        chain = DistributedChain(self, local)
+        runner = InstanceRunner(
+            record.model_id,
+            chain,
+            local.engine.tokenizer,
+            context_length=record.request.context_length or DEFAULT_CONTEXT,
+            max_sequences=min(record.request.max_sequences, local.engine.max_sequences),
+            node=self.node,
+            lanes=len(record.placement.stages),
+        )
+        scope = anyio.CancelScope()
+        head = HeadInstance(record, runner, chain, scope)
+        self.heads[record.instance_id] = head
+
+        async def run_head() -> None:
+            with scope:
+                await runner.run()
+            self.heads.pop(record.instance_id, None)
+            self.node.models.refresh()
+
+        self.node.task_group.start_soon(run_head, name=f"head {record.model_id}")
+        log.info("serving %s (instance %s, %d stage(s))", record.model_id, record.instance_id, len(record.placement.stages))
+        self.node.emit("instance.ready", model=record.model_id, instance=record.instance_id, stages=len(record.placement.stages))
+
+    # -- the data plane ----------------------------------------------------------------------
+    async def remote_generate(self, head_id: str, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Run ``request`` on the head node ``head_id``, streaming its chunks back here."""
+        stream_id = uuid.uuid4().hex
+        send, receive = anyio.create_memory_object_stream[object](1 << 16)
+        self._streams[stream_id] = (head_id, send)
+        finished = False
+        try:
+            if not await self.node.cluster.send_to(head_id, GenerateForward(stream_id, request)):
+                raise InstanceLostError(f"cannot reach the head node {head_id}")
+            async with receive:
+                async for item in receive:
+                    if isinstance(item, StreamChunk):
+                        yield item.chunk
+                        if item.chunk.finish_reason is not None:
+                            finished = True
+                            return
+                    elif isinstance(item, StreamEnd):
+                        finished = True
+                        if item.error is None:
+                            return
+                        if item.error_kind == "request":
+                            raise RequestError(item.error, param=item.param, code=item.code)
+                        if item.error_kind == "lost":
+                            raise InstanceLostError(item.error)
+                        if item.error_kind == "not_ready":
+                            raise ModelNotReadyError(item.error)
+                        raise SkulkError(item.error)
+        finally:
+            self._streams.pop(stream_id, None)
+            if not finished:
+                with anyio.CancelScope(shield=True):
+                    await self.node.cluster.send_to(head_id, StreamCancel(stream_id))
+
+    async def _on_generate(self, peer_id: str, forward: GenerateForward) -> None:
+        scope = anyio.CancelScope()
+        self._serving[forward.stream_id] = scope
+
+        async def serve() -> None:
+            cluster = self.node.cluster
+            try:
+                with scope:
+                    try:
+                        async with aclosing(self.node.models.generate_here(forward.request)) as chunks:
+                            async for chunk in chunks:
+                                if not await cluster.send_to(peer_id, StreamChunk(forward.stream_id, chunk)):
+                                    return
+                        await cluster.send_to(peer_id, StreamEnd(forward.stream_id))
+                    except RequestError as exc:
+                        await cluster.send_to(peer_id, StreamEnd(forward.stream_id, str(exc), "request", exc.param, exc.code))
+                    except InstanceLostError as exc:
+                        await cluster.send_to(peer_id, StreamEnd(forward.stream_id, str(exc), "lost"))
+                    except ModelNotReadyError as exc:
+                        await cluster.send_to(peer_id, StreamEnd(forward.stream_id, str(exc), "not_ready"))
+                    except SkulkError as exc:
+                        await cluster.send_to(peer_id, StreamEnd(forward.stream_id, str(exc), "error"))
+            finally:
+                self._serving.pop(forward.stream_id, None)
+
+        self.node.task_group.start_soon(serve, name=f"serve stream {forward.stream_id}")
+
+    async def _on_stream_chunk(self, peer_id: str, msg: StreamChunk) -> None:
+        entry = self._streams.get(msg.stream_id)
+        if entry is not None and entry[0] == peer_id:
+            try:
+                entry[1].send_nowait(msg)
+            except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass
+
+    async def _on_stream_end(self, peer_id: str, msg: StreamEnd) -> None:
+        await self._on_stream_chunk(peer_id, msg)  # type: ignore[arg-type]
+
+    async def _on_stream_cancel(self, peer_id: str, msg: StreamCancel) -> None:
+        scope = self._serving.get(msg.stream_id)
+        if scope is not None:
+            scope.cancel()
+
+    # -- tokenizers for instances headed elsewhere ------------------------------------------
+    async def tokenizer_for(self, record: InstanceRecord) -> Tokenizer:
+        """A tokenizer for ``record``'s model on a node that is not its head."""
+        head = self.heads.get(record.instance_id)
+        if head is not None:
+            return head.runner.tokenizer
+        local = self.stages.get(record.instance_id)
+        if local is not None and local.engine is not None and local.engine.tokenizer is not None:
+            return local.engine.tokenizer
+        if record.model_id in self._tokenizers:
+            return self._tokenizers[record.model_id]
+        self._tokenizers[record.model_id] = None  # type: ignore[assignment]  # being fetched
+        backend = self.node.plugins.backends().backend(record.placement.stages[0].backend) if record.placement.stages[0].backend in self.node.plugins.backends() else None
+        loader = getattr(backend, "load_tokenizer", None)
+        resolver = self.node.plugins.model_resolver(record.card, self.node)
+        if loader is None or resolver is None:
+            self._tokenizers.pop(record.model_id, None)
+            raise ModelNotReadyError(
+                f"this node cannot tokenize for {record.model_id} (its head is {record.placement.stages[0].node_id}); "
+                "send the request to a node of the instance"
+            )
+        try:
+            files = await resolver.fetch()
+            tokenizer = await loader(record.card, files)
+        except BaseException:
+            self._tokenizers.pop(record.model_id, None)
+            raise
+        self._tokenizers[record.model_id] = tokenizer
+        return tokenizer
+
+    def cached_tokenizer(self, model_id: str) -> Tokenizer | None:
+        return self._tokenizers.get(model_id)
