@@ -29,7 +29,7 @@ from skulk_core.errors import (
 )
 from skulk_core.hookspecs import hookimpl, hookspec
 from skulk_core.http import HttpRequest, HttpResponse, error_body
-from skulk_core.identity import NodeIdentity
+from skulk_core.identity import NodeIdentity, node_id_for
 from skulk_core.model import DEFAULT_MODEL_ID, ModelCard, ModelFiles, ModelSource, default_model_path
 from skulk_core.placement import (
     Accelerator,
@@ -66,5 +66,5 @@ __all__ = [
     "PlacementPreview", "PlacementRequest", "PluginError", "ProtocolError", "ReadyFiles",
     "RequestError", "SequenceChunk", "ServiceRegistry", "ShardRange", "SkulkError", "StageAssignment",
     "StageOutput", "Tensor", "Tokenizer", "TraceSpan", "Transport", "TransportContext",
-    "TransportError", "TransportRegistry", "default_model_path", "error_body", "hookimpl", "hookspec",
+    "TransportError", "TransportRegistry", "default_model_path", "error_body", "hookimpl", "hookspec", "node_id_for",
 ]

@@ -42,10 +42,16 @@ class ByteStream(Protocol):
 
     async def send(self, data: bytes) -> None: ...
 
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        """Next bytes; ``b""`` once the sender closed the stream."""
+    async def send_eof(self) -> None:
+        """Half-close: the peer's ``receive`` returns ``b""`` once it has read everything."""
 
-    async def aclose(self) -> None: ...
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        """Next bytes; ``b""`` once the sender sent EOF. A stream cut off without EOF (the peer
+        vanished) raises :class:`~skulk_core.errors.TransportError`, so a truncated transfer is
+        never mistaken for a complete one."""
+
+    async def aclose(self) -> None:
+        """Close both directions; a peer still sending gets TransportError."""
 
 
 @runtime_checkable
@@ -53,6 +59,7 @@ class Connection(Protocol):
     """An authenticated link to one peer."""
 
     peer_id: str  # the peer's node id, proven during the handshake
+    remote_address: str | None  # "host:port" the peer connected from or was dialled at
 
     async def send(self, message: bytes) -> None:
         """Send one framed message (an encoded envelope)."""
@@ -75,13 +82,17 @@ class Transport(Protocol):
     """What a transport factory returns."""
 
     name: str
+    addresses: list[str]  # where it listens, once serve() started
+    # Set by the node: called with (address, reason) for every peer that fails authentication.
+    on_rejected: Callable[[str, str], None] | None
 
     async def serve(self, handler: ConnectionHandler, *, task_status: object) -> None:
         """Listen until cancelled; call ``task_status.started(addresses)`` once listening, and
         ``handler`` in a new task for every inbound connection that passed authentication."""
 
     async def dial(self, address: str) -> Connection:
-        """Connect and authenticate; raises AuthenticationError or TransportError."""
+        """Connect and authenticate; raises AuthenticationError or TransportError. May require
+        :meth:`serve` to be running (connections live in its task group)."""
 
     def discover(self) -> AsyncIterator[PeerAnnouncement] | None:
         """Peers found on the LAN, or None when the transport does no discovery."""

@@ -28,7 +28,7 @@ from attrs import frozen
 from skulk_core import AuthenticationError, NodeIdentity, ProtocolError, TransportError
 
 # node_id_for is not re-exported by skulk_core yet; it is the derivation NodeIdentity.node_id uses.
-from skulk_core.identity import node_id_for
+from skulk_core import node_id_for
 
 MAGIC = b"SKLK"
 PROTOCOL_VERSION = 1
