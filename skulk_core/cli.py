@@ -237,23 +237,64 @@ def config_command(config_path: str | None, plugins: tuple[str, ...], blocked: t
     click.echo(yaml.safe_dump(doc, sort_keys=False).rstrip())
 
 
-@cli.command()
-@click.option("--api", "api_url", default="http://127.0.0.1:52415", show_default=True, envvar="SKULK_API_URL", help="Any node's HTTP API.")
-@click.option("--api-key", default=None, envvar="SKULK_API_KEY", help="Bearer key, if the node requires one.")
-@click.option("--json", "as_json", is_flag=True, help="Print the raw /state document.")
-def status(api_url: str, api_key: str | None, as_json: bool) -> None:
-    """Show the cluster as a node sees it: master, nodes and instances."""
+def _api_call(api_url: str, method: str, path: str, api_key: str | None, body: object = None, timeout: float = 30) -> Any:
+    """Call a node's HTTP API; a ClickException with the node's error message on failure."""
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(api_url.rstrip("/") + "/state")
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(api_url.rstrip("/") + path, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
     if api_key:
         request.add_header("Authorization", f"Bearer {api_key}")
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            state = json.load(response)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = str(exc)
+        raise click.ClickException(f"{method} {path} failed ({exc.code}): {message}") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise click.ClickException(f"cannot read {api_url}/state: {exc}") from None
+        raise click.ClickException(f"cannot reach {api_url}{path}: {exc}") from None
+
+
+def api_options(func: Any) -> Any:
+    func = click.option("--api-key", default=None, envvar="SKULK_API_KEY", help="Bearer key, if the node requires one.")(func)
+    func = click.option("--api", "api_url", default="http://127.0.0.1:52415", show_default=True, envvar="SKULK_API_URL", help="Any node's HTTP API.")(func)
+    return func
+
+
+@cli.command()
+@api_options
+@click.argument("model")
+@click.option("--nodes", "min_nodes", type=int, default=1, show_default=True, help="Spread the model over at least N nodes.")
+@click.option("--backend", default=None, help="Backend for every stage [default: the first that supports the model].")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the instance is ready.")
+def place(api_url: str, api_key: str | None, model: str, min_nodes: int, backend: str | None, wait: bool) -> None:
+    """Ask the cluster to place MODEL (an id or a GGUF path every stage node can read)."""
+    import time as _time
+
+    placed = _api_call(api_url, "POST", "/place_instance", api_key, {"model": model, "min_nodes": min_nodes, "backend": backend})
+    instance_id = placed["instance_id"]
+    click.echo(f"instance {instance_id}: " + ", ".join(f"{s['node_id']}[{s['layers'][0]}:{s['layers'][1]}] {s['backend']}" for s in placed.get("stages", [])))
+    while wait:
+        found = _api_call(api_url, "GET", f"/instance/{instance_id}", api_key)
+        if found["status"] in ("ready", "failed"):
+            click.echo(f"instance {instance_id} is {found['status']}")
+            if found["status"] == "failed":
+                raise click.ClickException("; ".join(s["status"] for s in found["stages"] if s["status"].startswith("failed")))
+            break
+        _time.sleep(0.5)
+
+
+@cli.command()
+@api_options
+@click.option("--json", "as_json", is_flag=True, help="Print the raw /state document.")
+def status(api_url: str, api_key: str | None, as_json: bool) -> None:
+    """Show the cluster as a node sees it: master, nodes and instances."""
+    state = _api_call(api_url, "GET", "/state", api_key)
     if as_json:
         click.echo(json.dumps(state, indent=2))
         return

@@ -39,6 +39,7 @@ class HttpRequest:
     query: Mapping[str, str]
     headers: Mapping[str, str]  # lower-cased names
     body: bytes = field(repr=False)
+    path_params: Mapping[str, str] = field(factory=dict)  # {name} segments of the route
 
     def json(self) -> Any:
         return json.loads(self.body or b"null")
@@ -93,16 +94,16 @@ class Dispatcher:
                 )
             return
         if scope["type"] == "http":
-            handler = self._route(scope["method"], path)
-            if handler is not None:
-                await self._call_route(handler, scope, receive, send)
+            found = self._route(scope["method"], path)
+            if found is not None:
+                await self._call_route(found[0], found[1], scope, receive, send)
                 return
         app = self._mount(path)
         if app is not None:
             await app(scope, receive, send)
             return
         if scope["type"] == "http":
-            allowed = [key.split(" ", 1)[0] for key in self.registry.routes.names() if key.split(" ", 1)[1] == path]
+            allowed = [key.split(" ", 1)[0] for key in self.registry.routes.names() if _match(key.split(" ", 1)[1], path) is not None]
             if allowed:
                 await _send_json(send, 405, error_body(f"{scope['method']} is not allowed on {path}; use {', '.join(allowed)}"), {"allow": ", ".join(allowed)})
             else:
@@ -115,12 +116,18 @@ class Dispatcher:
                 return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())  # type: ignore[union-attr]
         return False
 
-    def _route(self, method: str, path: str) -> Handler | None:
-        key = f"{method.upper()} {path}"
-        if key in self.registry.routes:
-            return self.registry.routes.get(key)
-        if method.upper() == "HEAD" and f"GET {path}" in self.registry.routes:
-            return self.registry.routes.get(f"GET {path}")
+    def _route(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | None:
+        method = method.upper()
+        for wanted in (method, "GET") if method == "HEAD" else (method,):
+            key = f"{wanted} {path}"
+            if key in self.registry.routes:
+                return self.registry.routes.get(key), {}
+            for entry in self.registry.routes:
+                route_method, pattern = entry.name.split(" ", 1)
+                if route_method == wanted and "{" in pattern:
+                    params = _match(pattern, path)
+                    if params is not None:
+                        return entry.value, params
         return None
 
     def _mount(self, path: str) -> Any | None:
@@ -132,7 +139,7 @@ class Dispatcher:
                     best = entry
         return None if best is None else best.value
 
-    async def _call_route(self, handler: Handler, scope: dict, receive: Callable, send: Callable) -> None:
+    async def _call_route(self, handler: Handler, params: dict[str, str], scope: dict, receive: Callable, send: Callable) -> None:
         chunks = []
         size = 0
         while True:
@@ -153,6 +160,7 @@ class Dispatcher:
             query=dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"))),
             headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())},
             body=b"".join(chunks),
+            path_params=params,
         )
         try:
             response = await handler(request)
@@ -162,6 +170,24 @@ class Dispatcher:
             log.exception("route %s %s failed", scope["method"], scope["path"])
             response = HttpResponse(500, error_body("internal error; see the node's log", type_="server_error"))
         await _send_json(send, response.status, response.body, response.headers, response.content_type)
+
+
+def _match(pattern: str, path: str) -> dict[str, str] | None:
+    """Match ``/instance/{instance_id}`` against a path; the ``{name}`` segments, or None."""
+    if "{" not in pattern:
+        return {} if pattern == path else None
+    want, got = pattern.strip("/").split("/"), path.strip("/").split("/")
+    if len(want) != len(got):
+        return None
+    params = {}
+    for w, g in zip(want, got):
+        if w.startswith("{") and w.endswith("}"):
+            if not g:
+                return None
+            params[w[1:-1]] = g
+        elif w != g:
+            return None
+    return params
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

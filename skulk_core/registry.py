@@ -124,7 +124,8 @@ class ConfigSectionRegistry(Registry[type]):
 class HttpRegistry:
     """What the frontend hook fills: exact JSON routes and mounted ASGI apps.
 
-    ``route(method, path, handler)``: ``async def handler(request: HttpRequest) -> HttpResponse``.
+    ``route(method, path, handler)``: ``async def handler(request: HttpRequest) -> HttpResponse``;
+    a ``{name}`` path segment matches any one segment (``request.path_params["name"]``).
     ``mount(prefix, app)``: an ASGI app that receives every request whose path is ``prefix`` or
     below it (the scope's path is left whole). Exact routes win over mounts; the longest prefix wins
     among mounts.
