@@ -180,3 +180,99 @@ def skulk_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
     yield spawn
     for proc in started:
         proc.stop(timeout=10)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE vocabularies use it)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+SYNTHETIC_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def write_synthetic_gguf(
+    path: Path,
+    *,
+    n_layers: int = 4,
+    hidden: int = 128,
+    ffn: int = 384,
+    heads: int = 4,
+    kv_heads: int = 2,
+    context_length: int = 2048,
+    dtype: str = "F16",
+    seed: int = 0,
+    name: str = "synthetic-llama",
+) -> Path:
+    """Write a llama-architecture GGUF with random weights and a byte-level vocabulary.
+
+    The vocabulary is the 256 GPT-2 byte symbols, one merge and ChatML's special tokens, so every
+    backend tokenizes it (about one token per byte) and renders chat without any download. Size it
+    with the layer count and widths: the weights take about ``n_layers * (4 * hidden**2 +
+    3 * hidden * ffn)`` values plus a ``(260, hidden)`` embedding.
+    """
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    np_dtype = {"F16": np.float16, "F32": np.float32}[dtype]
+    symbols = _bytes_to_unicode()
+    # One merge (" t"), because llama.cpp refuses a BPE vocabulary without any.
+    merged = symbols[ord(" ")] + symbols[ord("t")]
+    tokens = [*SYNTHETIC_SPECIALS, *symbols.values(), merged]
+    vocab = len(tokens)
+    head_dim = hidden // heads
+
+    def weight(*shape: int, scale: float = 0.02) -> np.ndarray:
+        return (rng.standard_normal(shape) * scale).astype(np_dtype)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(name)
+    writer.add_block_count(n_layers)
+    writer.add_context_length(context_length)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(vocab)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "F16" else gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL] * len(SYNTHETIC_SPECIALS) + [gguf.TokenType.NORMAL] * 257)
+    writer.add_token_merges([f"{symbols[ord(' ')]} {symbols[ord('t')]}"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHATML_TEMPLATE)
+    writer.add_tensor("token_embd.weight", weight(vocab, hidden, scale=1.0))
+    for i in range(n_layers):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(hidden, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(hidden, hidden))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(kv_heads * head_dim, hidden))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(kv_heads * head_dim, hidden))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(hidden, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(hidden, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(ffn, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(ffn, hidden))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(hidden, ffn))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
