@@ -30,6 +30,14 @@ from skulk_core.errors import (
 from skulk_core.hookspecs import hookimpl, hookspec
 from skulk_core.http import HttpRequest, HttpResponse, error_body
 from skulk_core.identity import NodeIdentity, node_id_for
+from skulk_core.inference import (
+    GenerationChunk,
+    GenerationRequest,
+    GeneratedToken,
+    InstanceLostError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+)
 from skulk_core.model import DEFAULT_MODEL_ID, ModelCard, ModelFiles, ModelSource, default_model_path
 from skulk_core.placement import (
     Accelerator,
@@ -50,6 +58,7 @@ from skulk_core.registry import (
     TransportRegistry,
 )
 from skulk_core.storage import LocalModel, ModelResolver, ReadyFiles
+from skulk_core.sampling import SamplingParams, TokenLogprob
 from skulk_core.telemetry import ClusterEvent, MetricSample, TraceSpan
 from skulk_core.tensor import Tensor
 from skulk_core.transport import ByteStream, Connection, PeerAnnouncement, Transport, TransportContext
@@ -60,7 +69,8 @@ __all__ = [
     "Accelerator", "AuthenticationError", "Backend", "BackendCapabilities", "BackendError",
     "BackendRegistry", "ByteStream", "ClusterEvent", "CommandRegistry", "Config", "ConfigError",
     "ConfigLoader", "ConfigSectionRegistry", "Connection", "DEFAULT_MODEL_ID", "DuplicateNameError",
-    "EmbeddingEngine", "Engine", "EngineOptions", "HttpRegistry", "HttpRequest", "HttpResponse", "LocalModel", "MetricSample",
+    "EmbeddingEngine", "Engine", "GeneratedToken", "GenerationChunk", "GenerationRequest",
+    "InstanceLostError", "ModelNotFoundError", "ModelNotReadyError", "SamplingParams", "TokenLogprob", "EngineOptions", "HttpRegistry", "HttpRequest", "HttpResponse", "LocalModel", "MetricSample",
     "ModelCard", "ModelError", "ModelFiles", "ModelResolver", "ModelSource", "NodeIdentity",
     "NodeResources", "NodeView", "PeerAnnouncement", "Placement", "PlacementError",
     "PlacementPreview", "PlacementRequest", "PluginError", "ProtocolError", "ReadyFiles",

@@ -1,0 +1,393 @@
+"""The Quart app behind ``/v1`` and ``/openapi.json``: OpenAI's endpoints over the node's models.
+
+Each handler checks its body (:mod:`skulk_openai.params`), resolves the model, renders and
+tokenizes the prompt and asks the node's model server whether the request fits *before* any
+response starts, so every refusal is a real HTTP status in OpenAI's error shape. Streams are
+server-sent events; when the client goes away Quart cancels the response and closes its
+generator, which closes the model server's generator, which frees the sequence at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any
+
+from quart import Quart, Response, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
+
+from skulk_core import RequestError, SkulkError
+from skulk_core import GenerationChunk, GenerationRequest, ModelNotReadyError, SamplingParams, error_body
+from skulk_openai import wire
+from skulk_openai.openapi import openapi_document
+from skulk_openai.params import (
+    ChatParams,
+    CompletionParams,
+    Generation,
+    parse_chat,
+    parse_completion,
+    parse_embedding,
+    require_object,
+)
+
+if TYPE_CHECKING:
+    from skulk_core.inference import ServedModel
+    from skulk_core.node import Node
+
+log = logging.getLogger("skulk.openai")
+
+MAX_BODY = 16 * 1024 * 1024
+BODY_TIMEOUT = 60  # seconds a client may take to send its body; then a 408
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_TYPE = "text/event-stream; charset=utf-8"
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(wire.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+def error_response(exc: SkulkError) -> Response:
+    """Skulk's errors, as OpenAI's: a bad request 400, an unknown model 404, a loading model 503."""
+    if isinstance(exc, ModelNotReadyError):
+        return json_response(error_body(str(exc), type_="server_error", code="model_not_ready"), 503, {"Retry-After": "5"})
+    if isinstance(exc, RequestError):
+        status = 404 if exc.code == "model_not_found" else 400
+        return json_response(error_body(str(exc), param=exc.param, code=exc.code), status)
+    log.error("request failed: %s", exc)
+    return json_response(error_body(str(exc), type_="server_error"), 500)
+
+
+def stream_error(exc: BaseException) -> bytes:
+    """An error after a stream has started: one event in OpenAI's error shape (the client raises it)."""
+    if isinstance(exc, SkulkError):
+        code = "model_not_ready" if isinstance(exc, ModelNotReadyError) else getattr(exc, "code", None)
+        log.error("stream failed: %s", exc)
+        return wire.sse(error_body(str(exc), type_="server_error", code=code))
+    log.error("stream failed unexpectedly", exc_info=exc)
+    return wire.sse(error_body("internal error; see the node's log", type_="server_error"))
+
+
+class OpenAIFrontend:
+    """The endpoints, over one node's model server."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.models = node.models
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    async def _body(self) -> Any:
+        data = await request.get_data(cache=False)
+        if not data.strip():
+            raise RequestError("The request body is empty; send a JSON object.", code="invalid_json")
+        try:
+            return wire.json_loads(data)
+        except (ValueError, RecursionError) as exc:
+            raise RequestError(
+                f"We could not parse the JSON body of your request: {exc}. Send a JSON object with "
+                f"'Content-Type: application/json'.",
+                code="invalid_json",
+            ) from None
+
+    @staticmethod
+    def _check_bias(served: ServedModel, generation: Generation) -> None:
+        vocab = served.tokenizer.vocab_size
+        for token in generation.sampling.logit_bias:
+            if token >= vocab:
+                raise RequestError(
+                    f"Invalid value for 'logit_bias': {token} is not a token id of {served.id} (vocabulary of {vocab}).",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
+
+    @staticmethod
+    def _check_tokens(served: ServedModel, tokens: tuple[int, ...], param: str) -> None:
+        vocab = served.tokenizer.vocab_size
+        for index, token in enumerate(tokens):
+            if token >= vocab:
+                raise RequestError(
+                    f"Invalid value for '{param}[{index}]': {token} is not a token id of {served.id} (vocabulary of {vocab}).",
+                    param=f"{param}[{index}]",
+                    code="invalid_value",
+                )
+
+    def _request(self, generation: Generation, prompt: list[int] | tuple[int, ...]) -> GenerationRequest:
+        s = generation.sampling
+        sampling = SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            seed=s.seed,
+            logit_bias=dict(s.logit_bias),
+            top_logprobs=generation.top_logprobs,
+        )
+        return GenerationRequest(
+            model=generation.model,
+            prompt=prompt,
+            sampling=sampling,
+            max_tokens=generation.max_tokens,
+            stop=generation.stop,
+            ignore_eos=generation.ignore_eos,
+            logprobs=generation.logprobs,
+        )
+
+    async def _collect(self, gen_request: GenerationRequest) -> tuple[str, list[Any], GenerationChunk]:
+        texts: list[str] = []
+        tokens: list[Any] = []
+        last: GenerationChunk | None = None
+        async with aclosing(self.models.generate(gen_request)) as chunks:
+            async for chunk in chunks:
+                texts.append(chunk.text)
+                tokens.extend(chunk.tokens)
+                last = chunk
+        if last is None:  # the scheduler ended the stream without a last chunk
+            raise ModelNotReadyError(f"{gen_request.model} stopped before finishing the request; retry")
+        return "".join(texts), tokens, last
+
+    @staticmethod
+    def _streaming(events: AsyncIterator[bytes]) -> Response:
+        response = Response(events, status=200, content_type=SSE_TYPE, headers=SSE_HEADERS)
+        response.timeout = None  # a long generation is not a stuck one
+        return response
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    async def chat_completions(self) -> Response:
+        params = parse_chat(require_object(await self._body()))
+        generation = params.generation
+        served = self.models.ready(generation.model)
+        self._check_bias(served, generation)
+        text = self.models.render_chat(generation.model, params.messages)
+        # The template already holds every special token the model wants (SmolLM2's has no BOS).
+        prompt = self.models.encode(generation.model, text, add_special=False)
+        gen_request = self._request(generation, prompt)
+        self.models.check(gen_request)
+        tokens = wire.TokenText(served.tokenizer)
+        meta = {"id": wire.new_id("chatcmpl-"), "created": int(time.time()), "model": served.id, "system_fingerprint": _fingerprint(served)}
+        if generation.stream:
+            return self._streaming(self._chat_events(gen_request, params, meta, tokens))
+        content, generated, last = await self._collect(gen_request)
+        logprobs = {"content": tokens.chat_content(generated), "refusal": None} if generation.logprobs else None
+        return json_response(
+            {
+                **meta,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": content, "refusal": None},
+                        "logprobs": logprobs,
+                        "finish_reason": last.finish_reason,
+                    }
+                ],
+                "usage": wire.usage(last.prompt_tokens, last.completion_tokens),
+            }
+        )
+
+    async def _chat_events(self, gen_request: GenerationRequest, params: ChatParams, meta: dict[str, Any], tokens: wire.TokenText) -> AsyncIterator[bytes]:
+        generation = params.generation
+        base = {**meta, "object": "chat.completion.chunk"}
+        if generation.include_usage:
+            base["usage"] = None
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None) -> bytes:
+            return wire.sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]})
+
+        yield chunk({"role": "assistant", "content": ""})
+        last: GenerationChunk | None = None
+        try:
+            async with aclosing(self.models.generate(gen_request)) as chunks:
+                async for piece in chunks:
+                    logprobs = {"content": tokens.chat_content(piece.tokens), "refusal": None} if generation.logprobs else None
+                    if piece.text or (logprobs and logprobs["content"]):
+                        yield chunk({"content": piece.text}, logprobs=logprobs)
+                    if piece.finish_reason is not None:
+                        last = piece
+                        yield chunk({}, finish_reason=piece.finish_reason)
+        except Exception as exc:
+            yield stream_error(exc)
+            return
+        if last is None:
+            yield stream_error(ModelNotReadyError(f"{gen_request.model} stopped before finishing the request; retry"))
+            return
+        if generation.include_usage:
+            yield wire.sse({**base, "choices": [], "usage": wire.usage(last.prompt_tokens, last.completion_tokens)})
+        yield wire.SSE_DONE
+
+    async def completions(self) -> Response:
+        params = parse_completion(require_object(await self._body()))
+        generation = params.generation
+        served = self.models.ready(generation.model)
+        if isinstance(params.prompt, str):
+            prompt = self.models.encode(generation.model, params.prompt, add_special=True)
+            echo = params.prompt
+        else:
+            self._check_tokens(served, params.prompt, "prompt")
+            prompt = list(params.prompt)
+            echo = _detokenize(served, prompt)
+        self._check_bias(served, generation)
+        gen_request = self._request(generation, prompt)
+        try:
+            self.models.check(gen_request)
+        except RequestError as exc:
+            if exc.param == "messages":  # the scheduler's name for the prompt, in chat terms
+                raise RequestError(str(exc), param="prompt", code=exc.code) from None
+            raise
+        tokens = wire.TokenText(served.tokenizer)
+        meta = {"id": wire.new_id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": served.id, "system_fingerprint": _fingerprint(served)}
+        prefix = echo if params.echo else ""
+        if generation.stream:
+            return self._streaming(self._completion_events(gen_request, params, meta, tokens, prefix))
+        content, generated, last = await self._collect(gen_request)
+        logprobs = wire.LegacyLogprobs(tokens, len(prefix)).add(generated) if generation.logprobs else None
+        return json_response(
+            {
+                **meta,
+                "choices": [{"index": 0, "text": prefix + content, "logprobs": logprobs, "finish_reason": last.finish_reason}],
+                "usage": wire.usage(last.prompt_tokens, last.completion_tokens),
+            }
+        )
+
+    async def _completion_events(
+        self, gen_request: GenerationRequest, params: CompletionParams, meta: dict[str, Any], tokens: wire.TokenText, prefix: str
+    ) -> AsyncIterator[bytes]:
+        generation = params.generation
+        base = dict(meta)
+        if generation.include_usage:
+            base["usage"] = None
+
+        def chunk(text: str, finish_reason: str | None = None, logprobs: Any = None) -> bytes:
+            return wire.sse({**base, "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]})
+
+        yield chunk(prefix) if prefix else wire.SSE_OPEN
+        legacy = wire.LegacyLogprobs(tokens, len(prefix))
+        last: GenerationChunk | None = None
+        try:
+            async with aclosing(self.models.generate(gen_request)) as chunks:
+                async for piece in chunks:
+                    logprobs = legacy.add(piece.tokens) if generation.logprobs else None
+                    if piece.finish_reason is not None:
+                        last = piece
+                        yield chunk(piece.text, piece.finish_reason, logprobs)
+                    elif piece.text or (logprobs and logprobs["tokens"]):
+                        yield chunk(piece.text, None, logprobs)
+        except Exception as exc:
+            yield stream_error(exc)
+            return
+        if last is None:
+            yield stream_error(ModelNotReadyError(f"{gen_request.model} stopped before finishing the request; retry"))
+            return
+        if generation.include_usage:
+            yield wire.sse({**base, "choices": [], "usage": wire.usage(last.prompt_tokens, last.completion_tokens)})
+        yield wire.SSE_DONE
+
+    async def list_models(self) -> Response:
+        return json_response({"object": "list", "data": [_model_object(m) for m in self.models.models()]})
+
+    async def get_model(self, model_id: str) -> Response:
+        return json_response(_model_object(self.models.get(model_id)))
+
+    async def embeddings(self) -> Response:
+        params = parse_embedding(require_object(await self._body()))
+        served = self.models.ready(params.model)
+        token_lists: list[list[int]] = []
+        for index, item in enumerate(params.inputs):
+            if isinstance(item, str):
+                token_lists.append(self.models.encode(params.model, item, add_special=True))
+            else:
+                self._check_tokens(served, item, f"input[{index}]" if len(params.inputs) > 1 else "input")
+                token_lists.append(list(item))
+        vectors = await self.models.embed(params.model, token_lists)
+        data = []
+        for index, vector in enumerate(vectors):
+            if params.encoding_format == "base64":
+                embedding: Any = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+            else:
+                embedding = [float(v) for v in vector]
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        used = sum(len(t) for t in token_lists)
+        return json_response({"object": "list", "data": data, "model": served.id, "usage": {"prompt_tokens": used, "total_tokens": used}})
+
+    async def openapi(self) -> Response:
+        models = self.models.models()
+        vocab = []
+        for served in models:
+            try:
+                vocab.append(served.tokenizer.vocab_size)
+            except SkulkError:  # not loaded yet, or headed by a node whose tokenizer is not here yet
+                pass
+        return json_response(openapi_document([m.id for m in models], max(vocab, default=None)))
+
+
+def _fingerprint(served: ServedModel) -> str:
+    from skulk_core import __version__
+
+    return f"skulk-{__version__}-{served.backend}"
+
+
+def _model_object(served: ServedModel) -> dict[str, Any]:
+    return {"id": served.id, "object": "model", "created": served.created, "owned_by": "skulk", "status": served.status}
+
+
+def _detokenize(served: ServedModel, tokens: list[int]) -> str:
+    tok = served.tokenizer
+    return b"".join(tok.token_bytes(t) for t in tokens if not tok.is_control(t)).decode("utf-8", "replace")
+
+
+def create_app(node: Node) -> Quart:
+    """The app the plugin mounts at ``/v1`` and ``/openapi.json`` (the scope's path is left whole)."""
+    app = Quart("skulk_openai")
+    app.config.update(
+        MAX_CONTENT_LENGTH=MAX_BODY,
+        BODY_TIMEOUT=BODY_TIMEOUT,
+        RESPONSE_TIMEOUT=None,  # Quart's default (60 s) would cut long streams
+        PROPAGATE_EXCEPTIONS=False,
+    )
+    app.url_map.strict_slashes = False  # "/v1/models/" is "/v1/models", never a redirect
+    api = OpenAIFrontend(node)
+    routes: list[tuple[str, str, Callable[..., Any]]] = [
+        ("/v1/chat/completions", "POST", api.chat_completions),
+        ("/v1/completions", "POST", api.completions),
+        ("/v1/embeddings", "POST", api.embeddings),
+        ("/v1/models", "GET", api.list_models),
+        ("/v1/models/<path:model_id>", "GET", api.get_model),
+        ("/openapi.json", "GET", api.openapi),
+    ]
+    for path, method, view in routes:
+        app.add_url_rule(path, endpoint=view.__name__, view_func=view, methods=[method])
+
+    @app.errorhandler(SkulkError)
+    async def skulk_error(exc: SkulkError) -> Response:
+        return error_response(exc)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response | HTTPException:
+        if exc.code is None or exc.code < 400:
+            return exc
+        headers = {}
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            methods = [m for m in exc.valid_methods if m not in ("HEAD", "OPTIONS")] or list(exc.valid_methods)
+            headers["Allow"] = ", ".join(exc.valid_methods)
+            message = f"{request.method} is not allowed on {request.path}; use {', '.join(methods)}"
+            code = "method_not_allowed"
+        elif exc.code == 404:
+            message, code = f"no such endpoint: {request.method} {request.path}", "not_found"
+        elif isinstance(exc, RequestEntityTooLarge):
+            message, code = f"The request body is over {MAX_BODY // (1024 * 1024)} MiB.", "request_too_large"
+        else:
+            message, code = exc.description or exc.name, None
+        return json_response(error_body(message, code=code), exc.code, headers)
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        log.error("%s %s failed", request.method, request.path, exc_info=exc)
+        return json_response(error_body("internal error; see the node's log", type_="server_error"), 500)
+
+    return app

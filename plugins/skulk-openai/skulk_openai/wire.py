@@ -1,0 +1,109 @@
+"""OpenAI's response shapes: completions, chunks, log-probabilities, usage and server-sent events."""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import secrets
+import string
+from collections.abc import Iterable
+from typing import Any
+
+from skulk_core import Tokenizer
+
+_ALPHABET = string.ascii_letters + string.digits
+LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a token the model gives (almost) no chance
+
+
+def new_id(prefix: str) -> str:
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(29))
+
+
+def dumps(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def sse(value: Any) -> bytes:
+    return b"data: " + dumps(value) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_OPEN = b": ok\n\n"  # a comment: sent first so the client sees the headers at once
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
+
+
+class TokenText:
+    """Token ids as OpenAI shows them in log-probabilities: text, and the raw bytes beside it."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def raw(self, token_id: int) -> bytes:
+        return self.tokenizer.token_bytes(token_id)
+
+    def text(self, token_id: int) -> str:
+        data = self.raw(token_id)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:  # part of a character: OpenAI writes such tokens as "bytes:\xe2\x80"
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+    def shown(self, tokens: Iterable[Any]) -> list[Any]:
+        """Tokens that stand for text (control tokens such as end-of-turn are left out)."""
+        return [t for t in tokens if not self.tokenizer.is_control(t.token_id)]
+
+    def chat_content(self, tokens: Iterable[Any]) -> list[dict[str, Any]]:
+        out = []
+        for token in self.shown(tokens):
+            out.append(
+                {
+                    "token": self.text(token.token_id),
+                    "logprob": _finite(token.logprob),
+                    "bytes": list(self.raw(token.token_id)),
+                    "top_logprobs": [
+                        {"token": self.text(t.token_id), "logprob": _finite(t.logprob), "bytes": list(self.raw(t.token_id))} for t in token.top
+                    ],
+                }
+            )
+        return out
+
+
+class LegacyLogprobs:
+    """One text completion's log-probabilities in the legacy format (tokens, token_logprobs,
+    top_logprobs, text_offset), built chunk by chunk. Offsets are characters of the returned text,
+    counted the way the text itself is decoded (UTF-8, a broken byte as one replacement character)."""
+
+    def __init__(self, tokens: TokenText, offset: int = 0) -> None:
+        self.tokens = tokens
+        self.offset = offset
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, generated: Iterable[Any]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token in self.tokens.shown(generated):
+            out["tokens"].append(self.tokens.text(token.token_id))
+            out["token_logprobs"].append(_finite(token.logprob))
+            top: dict[str, float] = {}
+            for alt in token.top:
+                top.setdefault(self.tokens.text(alt.token_id), _finite(alt.logprob))
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(self.offset)
+            self.offset += len(self._decoder.decode(self.tokens.raw(token.token_id)))
+        return out
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def json_loads(data: bytes) -> Any:
+    """``json.loads``, refusing the NaN and Infinity literals Python would otherwise accept."""
+    return json.loads(data, parse_constant=_reject_constant)
