@@ -132,6 +132,14 @@ class EmbeddingEngine(Protocol):
 
 
 @runtime_checkable
+class TokenizerLoader(Protocol):
+    """Optionally implemented by a backend: a tokenizer without the weights, so a node that is not
+    the head of a pipeline can still render chat and count tokens for requests it forwards."""
+
+    async def load_tokenizer(self, card: ModelCard, files: ModelFiles) -> Tokenizer: ...
+
+
+@runtime_checkable
 class Backend(Protocol):
     """What a backend factory returns. Constructing one must be cheap: heavy libraries are
     imported in :meth:`load`, not at import or construction time."""

@@ -1,0 +1,193 @@
+"""One model split over several real node processes: placement, the pipeline, re-placement.
+
+Needs the skulk-tcp, skulk-torch and skulk-openai plugins, which `make install` installs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from skulk_core.testing import SkulkProcess, find_free_port, write_synthetic_gguf
+
+pytest.importorskip("skulk_tcp", reason="the TCP transport plugin is not installed")
+pytest.importorskip("skulk_torch", reason="the torch backend plugin is not installed")
+pytest.importorskip("skulk_openai", reason="the OpenAI frontend plugin is not installed")
+psutil = pytest.importorskip("psutil")
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m-instruct"
+ENV = {
+    "SKULK_CLUSTER_KEY": "pipeline-test-key",
+    "SKULK_SERVE_ENABLED": "false",
+    "SKULK_SERVE_THREADS": "1",
+    "SKULK_SERVE_CONTEXT_LENGTH": "512",
+    "SKULK_SERVE_MAX_SEQUENCES": "4",
+    "SKULK_CLUSTER_HEARTBEAT_INTERVAL": "0.3",
+    "SKULK_CLUSTER_NODE_TIMEOUT": "2.0",
+}
+
+
+def start_cluster(skulk_process: Callable[..., SkulkProcess], count: int, extra: Sequence[Sequence[str]] = ()) -> list[SkulkProcess]:
+    ports = [find_free_port() for _ in range(count)]
+    nodes = []
+    for i, port in enumerate(ports):
+        args = ["--no-autoload", "--plugin", "tcp", "--plugin", "torch", "--plugin", "openai",
+                "--transport-host", "127.0.0.1", "--transport-port", str(port), "--no-discovery", "--node-name", f"node-{i}"]
+        if i:
+            args += ["--peer", f"127.0.0.1:{ports[0]}"]
+        args += list(extra[i]) if i < len(extra) else []
+        nodes.append(skulk_process(args, env=ENV))
+    for node in nodes:
+        node.wait_ready(60)
+    nodes[0].wait_for(lambda: all(len(n.get("/state")["nodes"]) == count for n in nodes), 20, f"{count} nodes joined")  # type: ignore[index]
+    return nodes
+
+
+def call(node: SkulkProcess, method: str, path: str, body: object = None) -> dict:
+    request = urllib.request.Request(node.url + path, data=None if body is None else json.dumps(body).encode(), method=method)
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)
+
+
+def place(node: SkulkProcess, model: str, min_nodes: int, backend: str = "torch") -> dict:
+    placed = call(node, "POST", "/place_instance", {"model": model, "backend": backend, "min_nodes": min_nodes})
+    instance_id = placed["instance_id"]
+    node.wait_for(lambda: call(node, "GET", f"/instance/{instance_id}")["status"] == "ready", 120, f"instance {instance_id} ready")
+    return call(node, "GET", f"/instance/{instance_id}")
+
+
+def ready_everywhere(nodes: Sequence[SkulkProcess], model: str) -> None:
+    for node in nodes:
+        node.wait_for(lambda: node.get("/health")["models"].get(model) == "ready", 30, f"{model} ready on {node.url}")  # type: ignore[index]
+
+
+def greedy(node: SkulkProcess, model: str = MODEL, max_tokens: int = 16) -> str:
+    client = openai.OpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Name three colours of the rainbow."}], max_tokens=max_tokens, temperature=0
+    )
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    return reply.choices[0].message.content or ""
+
+
+def node_ids(nodes: Sequence[SkulkProcess]) -> dict[str, SkulkProcess]:
+    return {n.get("/node_id"): n for n in nodes}  # type: ignore[misc]
+
+
+def test_split_one_two_and_three_ways_gives_the_same_greedy_tokens(skulk_process: Callable[..., SkulkProcess]) -> None:
+    nodes = start_cluster(skulk_process, 3)
+    texts = {}
+    for ways in (1, 2, 3):
+        instance = place(nodes[0], MODEL, ways)
+        assert len(instance["stages"]) == ways
+        layers = [tuple(s["layers"]) for s in instance["stages"]]
+        assert layers[0][0] == 0 and layers[-1][1] == 30
+        ready_everywhere(nodes, MODEL)
+        # every node's endpoint serves it, whichever node heads the pipeline
+        answers = {greedy(node) for node in nodes}
+        assert len(answers) == 1, answers
+        texts[ways] = answers.pop()
+        call(nodes[0], "DELETE", f"/instance/{instance['instance_id']}")
+        nodes[0].wait_for(lambda: all(not n.get("/state")["instances"] for n in nodes), 20, "instance removed")  # type: ignore[index]
+    assert texts[1] == texts[2] == texts[3], texts
+    assert texts[1].strip()
+
+
+def test_a_model_over_one_nodes_memory_limit_is_placed_over_two(skulk_process: Callable[..., SkulkProcess], tmp_path: Path) -> None:
+    model = write_synthetic_gguf(tmp_path / "wide-synthetic.gguf", n_layers=8, hidden=512, ffn=1536, heads=8, kv_heads=2)
+    limit = ["--memory-limit", "120MiB"]
+    nodes = start_cluster(skulk_process, 2, [limit, limit])
+    previews = call(nodes[0], "GET", f"/instance/previews?model={model}&backend=torch")["previews"]
+    assert previews[0]["placement"] is None and "needs" in previews[0]["error"]  # one node is too small, with numbers
+    assert previews[1]["placement"] is not None
+    instance = place(nodes[1], str(model), 1)
+    assert len(instance["stages"]) == 2, instance
+    ready_everywhere(nodes, "wide-synthetic")
+    assert greedy(nodes[0], "wide-synthetic", max_tokens=8) == greedy(nodes[1], "wide-synthetic", max_tokens=8)
+
+
+def test_placement_that_cannot_fit_says_so_with_numbers(skulk_process: Callable[..., SkulkProcess], tmp_path: Path) -> None:
+    model = write_synthetic_gguf(tmp_path / "too-big.gguf", n_layers=8, hidden=512, ffn=1536, heads=8, kv_heads=2)
+    nodes = start_cluster(skulk_process, 1, [["--memory-limit", "40MiB"]])
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        call(nodes[0], "POST", "/place_instance", {"model": str(model), "backend": "torch"})
+    assert caught.value.code == 409
+    message = json.load(caught.value)["error"]["message"]
+    assert "needs" in message and "MiB" in message
+
+
+def test_killing_a_stage_mid_stream_errors_cleanly_and_the_model_is_placed_again(skulk_process: Callable[..., SkulkProcess]) -> None:
+    nodes = start_cluster(skulk_process, 3)
+    instance = place(nodes[0], MODEL, 2)
+    ready_everywhere(nodes, MODEL)
+    by_id = node_ids(nodes)
+    head = by_id[instance["stages"][0]["node_id"]]
+    victim_node_id = instance["stages"][1]["node_id"]
+    victim = by_id[victim_node_id]
+    master_id = nodes[0].get("/state")["master_id"]  # type: ignore[index]
+    client_node = head
+    client = openai.OpenAI(base_url=client_node.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    outcome: dict[str, object] = {}
+
+    def stream() -> None:
+        text = ""
+        try:
+            for chunk in client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Tell me a long story about a fox."}], max_tokens=400, temperature=0, stream=True
+            ):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    text += chunk.choices[0].delta.content
+                    outcome["started"] = True
+            outcome["finished"] = text
+        except Exception as exc:  # the clean error we expect
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while "started" not in outcome and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert outcome.get("started"), outcome
+    victim.kill()
+    thread.join(60)
+    assert not thread.is_alive(), "the stream hung after its stage died"
+    assert "error" in outcome, outcome  # a stream that had produced tokens ends with an error, not a hang
+    survivors = [n for n in nodes if n is not victim]
+    # the master (maybe re-elected) places the model again on the nodes left, with no user action
+    survivors[0].wait_for(
+        lambda: any(i["status"] == "ready" and victim_node_id not in [s["node_id"] for s in i["stages"]] for i in survivors[0].get("/state")["instances"]),  # type: ignore[index]
+        60,
+        "the model placed again without the dead node",
+    )
+    ready_everywhere(survivors, MODEL)
+    assert greedy(survivors[0]).strip()
+    assert greedy(survivors[1]).strip()
+    assert master_id  # the cluster kept a master throughout
+
+
+def test_stage_memory_is_roughly_proportional_to_its_layers(skulk_process: Callable[..., SkulkProcess]) -> None:
+    nodes = start_cluster(skulk_process, 3)
+    pids = {n.get("/node_id"): psutil.Process(n.process.pid) for n in nodes}  # type: ignore[union-attr]
+    before = {node_id: p.memory_info().rss for node_id, p in pids.items()}
+    instance = place(nodes[0], MODEL, 3)
+    grown = [pids[s["node_id"]].memory_info().rss - before[s["node_id"]] for s in instance["stages"]]
+    layers = [s["layers"][1] - s["layers"][0] for s in instance["stages"]]
+    total = sum(grown)
+    print("stage growth: " + ", ".join(f"{n} layers +{g / 2**20:.0f} MiB" for n, g in zip(layers, grown)))
+    assert layers == [10, 10, 10]
+    # A third of the blocks each, plus the embedding on the first stage and the (tied) head on the
+    # last: no stage holds more than about half of what the three hold together.
+    for value in grown:
+        assert 0.1 * total < value < 0.55 * total, grown
