@@ -454,6 +454,8 @@ class ModelServer:
             status = record.status
             if status == "ready" and record.placement.stages[0].node_id == me and head is None:
                 status = "loading"  # the head's scheduler is starting
+            if status == "ready" and head is None and instances.fetching_tokenizer(record.model_id):
+                status = "loading"  # this node is loading the tokenizer it needs to forward requests
             errors = [s for s in record.stage_status.values() if s.startswith("failed")]
             served = ServedModel(
                 card=record.card,

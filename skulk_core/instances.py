@@ -54,6 +54,7 @@ from skulk_core.inference import (
     InstanceRunner,
     ModelNotReadyError,
 )
+from skulk_core.model import ModelCard
 from skulk_core.placement import PlacementRequest
 from skulk_core.tensor import Tensor
 
@@ -191,7 +192,11 @@ class Instances:
             while True:
                 await self._changed.wait()
                 self._changed_event = anyio.Event()
-                await self._reconcile()
+                try:
+                    await self._reconcile()
+                except Exception:
+                    # One bad instance must not take the node down; the next change retries.
+                    log.exception("reconciling instances failed")
         finally:
             with anyio.CancelScope(shield=True):
                 for head in list(self.heads.values()):
@@ -229,6 +234,7 @@ class Instances:
                 self.heads.pop(instance_id, None)
         for record in state.instances.values():
             if record.status == "ready" and record.model_id not in self._tokenizers and record.instance_id not in self.heads:
+                self._tokenizers[record.model_id] = None  # type: ignore[assignment]  # being fetched
                 self.node.task_group.start_soon(self._fetch_tokenizer, record)
         self.node.models.refresh()
 
@@ -297,12 +303,11 @@ class Instances:
         await cluster.flush()
         return CommandReply(command.command_id, True, instance_id=instance_id)
 
-    def _place_as_master(self, command: Command, *, exclude: frozenset[str] = frozenset()) -> str:
-        node, cluster = self.node, self.node.cluster
-        card = node.plugins.find_model(command.model or "", node)
+    def _place_as_master(self, command: Command) -> str:
+        card = self.node.plugins.find_model(command.model or "", self.node)
         if card is None:
             raise ModelError(f"no plugin knows the model {command.model!r}")
-        for record in cluster.state.instances.values():
+        for record in self.node.cluster.state.instances.values():
             if record.model_id == card.id and record.status != "failed" and len(record.placement.stages) >= command.min_nodes:
                 return record.instance_id
         context = min(card.context_length, command.context_length or DEFAULT_CONTEXT)
@@ -312,8 +317,11 @@ class Instances:
             min_nodes=command.min_nodes,
             context_length=context,
             max_sequences=command.max_sequences,
-            exclude_nodes=exclude,
         )
+        return self._place_card(card, request)
+
+    def _place_card(self, card: ModelCard, request: PlacementRequest) -> str:
+        node, cluster = self.node, self.node.cluster
         placement = node.plugins.place(card, cluster.node_views(), request)
         if placement is None:
             raise PlacementError(f"no placement plugin placed {card.id}")
@@ -333,10 +341,9 @@ class Instances:
                 continue
             cluster.write(InstanceRemoved(record.instance_id, f"node {gone[0]} left"))
             self.node.emit("instance.lost", model=record.model_id, instance=record.instance_id, node_id=gone[0])
-            command = Command(uuid.uuid4().hex, "place", record.card.source.path if record.card.source.kind == "local" else record.model_id,
-                              record.request.backend, 1, record.request.context_length, record.request.max_sequences)
             try:
-                new_id = self._place_as_master(command)
+                # The same card (so the same model id), on as few of the nodes left as hold it.
+                new_id = self._place_card(record.card, evolve(record.request, min_nodes=1))
                 log.info("re-placed %s after node %s left: %s", record.model_id, gone[0], new_id)
             except SkulkError as exc:
                 log.error("cannot re-place %s after node %s left: %s", record.model_id, gone[0], exc)
@@ -579,7 +586,7 @@ class Instances:
         local = self.stages.get(record.instance_id)
         if local is not None and local.engine is not None and local.engine.tokenizer is not None:
             return local.engine.tokenizer
-        if record.model_id in self._tokenizers:
+        if self._tokenizers.get(record.model_id) is not None:
             return self._tokenizers[record.model_id]
         self._tokenizers[record.model_id] = None  # type: ignore[assignment]  # being fetched
         backend = self.node.plugins.backends().backend(record.placement.stages[0].backend) if record.placement.stages[0].backend in self.node.plugins.backends() else None
@@ -602,3 +609,7 @@ class Instances:
 
     def cached_tokenizer(self, model_id: str) -> Tokenizer | None:
         return self._tokenizers.get(model_id)
+
+    def fetching_tokenizer(self, model_id: str) -> bool:
+        """True while a tokenizer for ``model_id`` is being loaded (or about to be)."""
+        return model_id in self._tokenizers and self._tokenizers[model_id] is None

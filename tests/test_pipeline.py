@@ -49,7 +49,11 @@ def start_cluster(skulk_process: Callable[..., SkulkProcess], count: int, extra:
         nodes.append(skulk_process(args, env=ENV))
     for node in nodes:
         node.wait_ready(60)
-    nodes[0].wait_for(lambda: all(len(n.get("/state")["nodes"]) == count for n in nodes), 20, f"{count} nodes joined")  # type: ignore[index]
+    try:
+        nodes[0].wait_for(lambda: all(len(n.get("/state")["nodes"]) == count for n in nodes), 30, f"{count} nodes joined")  # type: ignore[index]
+    except TimeoutError as exc:
+        logs = "\n\n".join(f"--- {n.url}\n{n.log_text()[-2000:]}" for n in nodes[1:])
+        raise TimeoutError(f"{exc}\n{logs}") from None
     return nodes
 
 
@@ -105,8 +109,18 @@ def test_split_one_two_and_three_ways_gives_the_same_greedy_tokens(skulk_process
 
 
 def test_a_model_over_one_nodes_memory_limit_is_placed_over_two(skulk_process: Callable[..., SkulkProcess], tmp_path: Path) -> None:
-    model = write_synthetic_gguf(tmp_path / "wide-synthetic.gguf", n_layers=8, hidden=512, ffn=1536, heads=8, kv_heads=2)
-    limit = ["--memory-limit", "120MiB"]
+    from skulk_core import EngineOptions, ModelCard, ShardRange
+    from skulk_torch.backend import TorchBackend
+
+    model = write_synthetic_gguf(tmp_path / "wide-synthetic.gguf", n_layers=8, hidden=768, ffn=2048, heads=8, kv_heads=2)
+    # A limit between what the whole model needs and what its bigger half needs, from the torch
+    # backend's own estimate, so the test follows the estimate rather than hard-coding it.
+    card, backend = ModelCard.from_gguf(model), TorchBackend()
+    options = EngineOptions(context_length=int(ENV["SKULK_SERVE_CONTEXT_LENGTH"]), max_sequences=int(ENV["SKULK_SERVE_MAX_SEQUENCES"]))
+    whole = backend.estimate_memory(card, ShardRange(0, 8, 8), options)
+    half = max(backend.estimate_memory(card, ShardRange(0, 4, 8), options), backend.estimate_memory(card, ShardRange(4, 8, 8), options))
+    assert half < whole
+    limit = ["--memory-limit", str(int((half + whole) / 2 / 0.95))]
     nodes = start_cluster(skulk_process, 2, [limit, limit])
     previews = call(nodes[0], "GET", f"/instance/previews?model={model}&backend=torch")["previews"]
     assert previews[0]["placement"] is None and "needs" in previews[0]["error"]  # one node is too small, with numbers
