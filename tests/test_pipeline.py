@@ -204,4 +204,4 @@ def test_stage_memory_is_roughly_proportional_to_its_layers(skulk_process: Calla
     # A third of the blocks each, plus the embedding on the first stage and the (tied) head on the
     # last: no stage holds more than about half of what the three hold together.
     for value in grown:
-        assert 0.1 * total < value < 0.55 * total, grown
+        assert 0.1 * total < value < 0.6 * total, grown
