@@ -1,0 +1,391 @@
+"""The llama.cpp engine: one llama context that advances every live sequence in one ``llama_decode``.
+
+Built on llama.cpp's low-level C API (``llama_batch`` / ``llama_decode`` / ``llama_get_logits_ith``
+through llama-cpp-python's ctypes bindings), not its ``Llama`` class, which serves one sequence at a
+time. Each request holds a sequence id (a *slot*) of the context for as long as it lives; the
+context keeps a separate KV stream per slot (``kv_unified`` off), each ``context_length`` positions
+long, so one sequence's attention never sees another's cache and a greedy decode gives the same
+tokens alone or batched.
+
+Embeddings come from a second, small context created on first use (``embeddings`` on, one
+sequence), so generation is never disturbed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from heapq import heapify, heappop, heappush
+
+import anyio
+import llama_cpp
+import numpy as np
+
+from skulk_core import (
+    BackendError,
+    EngineOptions,
+    ModelCard,
+    ModelFiles,
+    RequestError,
+    SequenceChunk,
+    ShardRange,
+    StageOutput,
+)
+
+from skulk_llamacpp.native import LoadedModel, take_problems, with_problems
+from skulk_llamacpp.settings import LlamaCppSettings
+from skulk_llamacpp.tokenizer import LlamaCppTokenizer
+
+log = logging.getLogger("skulk.llamacpp")
+
+_GGML_TYPES = {
+    "f32": llama_cpp.GGML_TYPE_F32,
+    "f16": llama_cpp.GGML_TYPE_F16,
+    "q8_0": llama_cpp.GGML_TYPE_Q8_0,
+    "q4_0": llama_cpp.GGML_TYPE_Q4_0,
+}
+
+
+class _Batch:
+    """A ``llama_batch`` of ``capacity`` tokens, one sequence id each, with numpy views of its arrays."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.raw = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.tokens = np.ctypeslib.as_array(self.raw.token, shape=(capacity,))
+        self.positions = np.ctypeslib.as_array(self.raw.pos, shape=(capacity,))
+        self.outputs = np.ctypeslib.as_array(self.raw.logits, shape=(capacity,))
+        np.ctypeslib.as_array(self.raw.n_seq_id, shape=(capacity,))[:] = 1
+        self._seq_ids = self.raw.seq_id
+        self.size = 0
+
+    def add(self, tokens: np.ndarray, first_position: int, seq_id: int) -> None:
+        """Append ``tokens`` (no outputs requested); the caller checks capacity."""
+        start, end = self.size, self.size + len(tokens)
+        self.tokens[start:end] = tokens
+        self.positions[start:end] = np.arange(first_position, first_position + len(tokens), dtype=np.int32)
+        self.outputs[start:end] = 0
+        seq_ids = self._seq_ids
+        for i in range(start, end):
+            seq_ids[i][0] = seq_id
+        self.size = end
+
+    def free(self) -> None:
+        if self.raw is not None:
+            llama_cpp.llama_batch_free(self.raw)
+            self.raw = None
+
+
+def _context_params(
+    settings: LlamaCppSettings, threads: int, *, n_ctx: int, n_seq_max: int, embeddings: bool
+) -> llama_cpp.llama_context_params:
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_seq_max = n_seq_max
+    params.n_batch = settings.n_batch
+    params.n_ubatch = min(settings.n_batch, 512)
+    params.n_threads = threads
+    params.n_threads_batch = threads
+    params.kv_unified = False  # one KV stream per sequence: sequences never share cells
+    params.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if settings.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    params.type_k = params.type_v = _GGML_TYPES[settings.kv_cache_type]
+    params.embeddings = embeddings
+    if embeddings:
+        # Per-token embeddings, averaged here: llama.cpp's own mean pooling averages only the last
+        # micro-batch of a long input, so an input longer than n_ubatch would get a wrong mean.
+        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
+        params.n_outputs_max_per_seq = 0  # every position is an output
+    params.no_perf = True
+    return params
+
+
+class LlamaCppEngine:
+    """A whole model loaded by llama.cpp; satisfies :class:`skulk_core.Engine` and
+    :class:`skulk_core.EmbeddingEngine`. Build it with :func:`load_engine`."""
+
+    def __init__(
+        self, card: ModelCard, shard: ShardRange, options: EngineOptions, settings: LlamaCppSettings, model: LoadedModel
+    ) -> None:
+        self.card = card
+        self.shard = shard
+        self.context_length = options.context_length
+        self.max_sequences = options.max_sequences
+        self.settings = settings
+        self.threads = options.threads or os.cpu_count() or 1
+        self._model = model
+        self.tokenizer = LlamaCppTokenizer(model)
+        self.vocab_size = model.n_vocab
+        self.embedding_size = model.n_embd
+
+        params = _context_params(
+            settings, self.threads, n_ctx=self.context_length * self.max_sequences, n_seq_max=self.max_sequences, embeddings=False
+        )
+        take_problems()
+        self._ctx = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not self._ctx:
+            raise BackendError(
+                with_problems(
+                    f"llama.cpp could not create a context for {self.max_sequences} sequences of "
+                    f"{self.context_length} positions; lower serve.max_sequences or serve.context_length"
+                )
+            )
+        per_sequence = int(llama_cpp.llama_n_ctx_seq(self._ctx))
+        if per_sequence < self.context_length:
+            llama_cpp.llama_free(self._ctx)
+            raise BackendError(
+                f"llama.cpp gave each sequence {per_sequence} positions, fewer than the {self.context_length} asked for"
+            )
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = _Batch(settings.n_batch)
+        self._lock = threading.Lock()  # one native call on the generation context at a time
+        self._slots: dict[str, int] = {}  # request id -> sequence id
+        self._free_slots = list(range(self.max_sequences))
+        heapify(self._free_slots)  # the lowest free id first, so a run is repeatable
+        self._lengths = [0] * self.max_sequences  # positions cached per sequence id
+
+        self._embed_lock = threading.Lock()
+        self._embed_ctx: int | None = None
+        self._embed_batch: _Batch | None = None
+
+    # -- generation --------------------------------------------------------------------------
+
+    async def step(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]:
+        """Run every chunk in one ``llama_decode`` (several if the step exceeds ``n_batch`` tokens)."""
+        if not batch:
+            return []
+        logits = await anyio.to_thread.run_sync(self._step, list(batch))
+        return [StageOutput(chunk.request_id, logits=row) for chunk, row in zip(batch, logits)]
+
+    def _step(self, batch: list[SequenceChunk]) -> list[np.ndarray | None]:
+        with self._lock:
+            self._check_open()
+            plan = self._plan(batch)
+            fresh = [chunk.request_id for chunk in batch if chunk.request_id not in self._slots]
+            for request_id in fresh:
+                self._slots[request_id] = heappop(self._free_slots)
+            seq_ids = [self._slots[chunk.request_id] for chunk in batch]
+            try:
+                for seq_id, (position, _, _) in zip(seq_ids, plan):
+                    if position < self._lengths[seq_id]:  # the core rewound this sequence
+                        if not llama_cpp.llama_memory_seq_rm(self._memory, seq_id, position, -1):
+                            raise BackendError(f"llama.cpp could not rewind sequence {seq_id} to position {position}")
+                        self._lengths[seq_id] = position
+                logits = self._decode(seq_ids, plan)
+            except BaseException:
+                for seq_id in seq_ids:
+                    self._lengths[seq_id] = int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq_id)) + 1
+                for request_id in fresh:
+                    self._release(request_id)
+                raise
+            for seq_id, (position, tokens, _) in zip(seq_ids, plan):
+                self._lengths[seq_id] = position + len(tokens)
+            return logits
+
+    def _plan(self, batch: list[SequenceChunk]) -> list[tuple[int, np.ndarray, bool]]:
+        """Check the whole step before anything changes: (position, tokens, want_logits) per chunk."""
+        plan = []
+        seen: set[str] = set()
+        for chunk in batch:
+            request_id = chunk.request_id
+            if request_id in seen:
+                raise BackendError(f"a step holds request {request_id} twice; send one chunk per request per step")
+            seen.add(request_id)
+            if chunk.tokens is None:
+                raise BackendError(
+                    f"the llamacpp backend runs whole models from token ids, but the chunk of request {request_id} "
+                    "carries hidden states"
+                )
+            if not chunk.tokens:
+                raise RequestError(f"the chunk of request {request_id} holds no tokens", param="prompt")
+            end = chunk.position + chunk.length
+            if end > self.context_length:
+                raise RequestError(
+                    f"This model's maximum context length is {self.context_length} tokens; request "
+                    f"{request_id} would reach {end}. Shorten the prompt or the completion, or raise "
+                    "serve.context_length.",
+                    param="messages",
+                    code="context_length_exceeded",
+                )
+            cached = self._lengths[self._slots[request_id]] if request_id in self._slots else 0
+            if not 0 <= chunk.position <= cached:
+                raise BackendError(
+                    f"the chunk of request {request_id} starts at position {chunk.position}, but its KV cache "
+                    f"holds {cached} positions; a chunk must continue (or rewind) its sequence"
+                )
+            tokens = np.asarray(chunk.tokens, dtype=np.int64)
+            if tokens.min() < 0 or tokens.max() >= self.vocab_size:
+                bad = int(tokens[(tokens < 0) | (tokens >= self.vocab_size)][0])
+                raise RequestError(
+                    f"token id {bad} of request {request_id} is outside the vocabulary (0 to {self.vocab_size - 1})",
+                    param="prompt",
+                )
+            plan.append((chunk.position, tokens.astype(np.int32), chunk.want_logits))
+        fresh = len(seen - self._slots.keys())
+        if fresh > len(self._free_slots):
+            raise BackendError(
+                f"the llamacpp engine holds at most {self.max_sequences} sequences and {len(self._slots)} are in "
+                f"use; this step needs {fresh} more. Release finished requests first, or load the model with a "
+                "larger max_sequences (serve.max_sequences)"
+            )
+        return plan
+
+    def _decode(self, seq_ids: list[int], plan: list[tuple[int, np.ndarray, bool]]) -> list[np.ndarray | None]:
+        """Fill the llama_batch chunk after chunk, decoding whenever it is full and once at the end."""
+        batch = self._batch
+        logits: list[np.ndarray | None] = [None] * len(plan)
+        pending: list[tuple[int, int]] = []  # (chunk index, batch row whose logits it wants)
+        batch.size = 0
+        for index, (seq_id, (position, tokens, want_logits)) in enumerate(zip(seq_ids, plan)):
+            done = 0
+            while done < len(tokens):
+                take = min(len(tokens) - done, batch.capacity - batch.size)
+                batch.add(tokens[done : done + take], position + done, seq_id)
+                done += take
+                if done == len(tokens) and want_logits:
+                    batch.outputs[batch.size - 1] = 1
+                    pending.append((index, batch.size - 1))
+                if batch.size == batch.capacity:
+                    self._run_batch(pending, logits)
+        if batch.size:
+            self._run_batch(pending, logits)
+        return logits
+
+    def _run_batch(self, pending: list[tuple[int, int]], logits: list[np.ndarray | None]) -> None:
+        batch = self._batch
+        batch.raw.n_tokens = batch.size
+        take_problems()
+        status = llama_cpp.llama_decode(self._ctx, batch.raw)
+        if status != 0:
+            raise BackendError(with_problems(f"llama_decode failed with status {status} on a batch of {batch.size} tokens"))
+        for index, row in pending:
+            pointer = llama_cpp.llama_get_logits_ith(self._ctx, row)
+            if not pointer:
+                raise BackendError(with_problems(f"llama.cpp returned no logits for batch row {row}"))
+            logits[index] = np.ctypeslib.as_array(pointer, shape=(self.vocab_size,)).copy()
+        pending.clear()
+        batch.size = 0
+
+    async def release(self, request_id: str) -> None:
+        """Drop ``request_id``'s KV cache and free its slot; unknown ids are ignored."""
+        if request_id in self._slots:
+            await anyio.to_thread.run_sync(self._release_locked, request_id)
+
+    def _release_locked(self, request_id: str) -> None:
+        with self._lock:
+            self._release(request_id)
+
+    def _release(self, request_id: str) -> None:
+        seq_id = self._slots.pop(request_id, None)
+        if seq_id is None:
+            return
+        if self._ctx:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        self._lengths[seq_id] = 0
+        heappush(self._free_slots, seq_id)
+
+    @property
+    def live_sequences(self) -> int:
+        return len(self._slots)
+
+    # -- embeddings --------------------------------------------------------------------------
+
+    async def embed(self, tokens: Sequence[int]) -> list[float]:
+        """The mean of the final hidden states over ``tokens``, L2-normalised."""
+        return await anyio.to_thread.run_sync(self._embed, list(tokens))
+
+    def _embed(self, tokens: list[int]) -> list[float]:
+        if not tokens:
+            raise RequestError("an input to embed is empty", param="input")
+        if len(tokens) > self.context_length:
+            raise RequestError(
+                f"an input has {len(tokens)} tokens; the most this model embeds is {self.context_length}",
+                param="input",
+                code="context_length_exceeded",
+            )
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise RequestError(f"an input holds a token id outside the vocabulary (0 to {self.vocab_size - 1})", param="input")
+        ids = ids.astype(np.int32)
+        with self._embed_lock:
+            self._check_open()
+            ctx, batch = self._embedding_context()
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+            total = np.zeros(self.embedding_size, dtype=np.float64)
+            for start in range(0, len(ids), batch.capacity):
+                piece = ids[start : start + batch.capacity]
+                batch.size = 0
+                batch.add(piece, start, 0)
+                batch.outputs[: batch.size] = 1
+                batch.raw.n_tokens = batch.size
+                take_problems()
+                status = llama_cpp.llama_decode(ctx, batch.raw)
+                if status != 0:
+                    raise BackendError(with_problems(f"llama_decode failed with status {status} while embedding"))
+                pointer = llama_cpp.llama_get_embeddings(ctx)
+                if not pointer:
+                    raise BackendError(with_problems("llama.cpp returned no embeddings"))
+                rows = np.ctypeslib.as_array(pointer, shape=(len(piece), self.embedding_size))
+                total += rows.sum(axis=0, dtype=np.float64)
+            mean = total / len(ids)
+            norm = float(np.linalg.norm(mean))
+            return (mean / norm if norm > 0 else mean).tolist()
+
+    def _embedding_context(self) -> tuple[int, _Batch]:
+        if self._embed_ctx is None:
+            params = _context_params(self.settings, self.threads, n_ctx=self.context_length, n_seq_max=1, embeddings=True)
+            take_problems()
+            ctx = llama_cpp.llama_init_from_model(self._model.ptr, params)
+            if not ctx:
+                raise BackendError(with_problems("llama.cpp could not create the embedding context"))
+            self._embed_ctx = ctx
+            self._embed_batch = _Batch(min(self.settings.n_batch, 512))
+        assert self._embed_batch is not None
+        return self._embed_ctx, self._embed_batch
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if not self._ctx:
+            raise BackendError(f"the llamacpp engine for {self.card.id} is closed")
+
+    async def close(self) -> None:
+        """Free both contexts, the batches and the model. Safe to call twice."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._close)
+
+    def _close(self) -> None:
+        with self._lock, self._embed_lock:
+            if self._embed_ctx is not None:
+                llama_cpp.llama_free(self._embed_ctx)
+                self._embed_ctx = None
+            if self._embed_batch is not None:
+                self._embed_batch.free()
+                self._embed_batch = None
+            if self._ctx:
+                llama_cpp.llama_free(self._ctx)
+                self._ctx = None
+            self._batch.free()
+            self._slots.clear()
+            self._model.free()
+
+
+def load_engine(card: ModelCard, files: ModelFiles, shard: ShardRange, options: EngineOptions) -> LlamaCppEngine:
+    """Load ``files`` into a ready engine (blocking: the backend calls it in a worker thread)."""
+    settings = LlamaCppSettings.coerce(options.settings)
+    model = LoadedModel(files.primary, settings)
+    try:
+        if options.context_length > model.n_ctx_train:
+            log.warning(
+                "%s: context_length %d exceeds the %d positions the model was trained on; output past them may degrade",
+                card.id,
+                options.context_length,
+                model.n_ctx_train,
+            )
+        return LlamaCppEngine(card, shard, options, settings, model)
+    except BaseException:
+        model.free()
+        raise

@@ -1,0 +1,71 @@
+"""The ``llamacpp:`` section of ``skulk.yaml``: how the llama.cpp backend builds its contexts.
+
+Every field can also be set as ``SKULK_LLAMACPP_<FIELD>`` (``SKULK_LLAMACPP_FLASH_ATTN=true``). The
+engine receives the structured section as ``EngineOptions.settings``; when it is None (no config,
+a test), the defaults below apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+from attrs import field, frozen
+
+# KV-cache element types llama.cpp accepts, and the bytes one value costs in each (a q8_0 block
+# holds 32 values in 34 bytes, a q4_0 block 32 values in 18 bytes).
+KV_CACHE_BYTES_PER_VALUE = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def _at_least_one(_: object, attribute: attrs.Attribute, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"llamacpp.{attribute.name} must be at least 1, got {value}")
+
+
+def _kv_cache_type(_: object, attribute: attrs.Attribute, value: str) -> None:
+    if value not in KV_CACHE_BYTES_PER_VALUE:
+        raise ValueError(
+            f"llamacpp.{attribute.name} must be one of {', '.join(KV_CACHE_BYTES_PER_VALUE)}; got {value!r}"
+        )
+
+
+@frozen
+class LlamaCppSettings:
+    """Options of the llama.cpp backend.
+
+    - ``n_batch``: the most tokens one ``llama_decode`` call takes. A step holding more (several
+      long prompts at once) is split into several calls; it also bounds the compute buffers.
+    - ``flash_attn``: use llama.cpp's flash-attention kernels. Off by default; on a CPU it is
+      often faster when many sequences decode together, and it is required by a quantized KV cache.
+    - ``use_mmap``: map the GGUF file instead of reading it into memory, so the weights are shared
+      with the page cache and loading is fast.
+    - ``kv_cache_type``: element type of the KV cache: ``f16`` (default), ``f32``, ``q8_0`` or
+      ``q4_0``. The quantized types halve or quarter its memory and need ``flash_attn: true``.
+    """
+
+    n_batch: int = field(default=512, validator=_at_least_one)
+    flash_attn: bool = False
+    use_mmap: bool = True
+    kv_cache_type: str = field(default="f16", validator=_kv_cache_type)
+
+    def __attrs_post_init__(self) -> None:
+        if self.kv_cache_type.startswith("q") and not self.flash_attn:
+            raise ValueError(
+                f"llamacpp.kv_cache_type {self.kv_cache_type} needs llamacpp.flash_attn: true "
+                "(llama.cpp quantizes the V cache only with flash attention); set both, or use f16"
+            )
+
+    @property
+    def kv_bytes_per_value(self) -> float:
+        return KV_CACHE_BYTES_PER_VALUE[self.kv_cache_type]
+
+    @classmethod
+    def coerce(cls, value: object) -> LlamaCppSettings:
+        """The settings an engine was given: None means defaults; a mapping is taken as the section."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            return cls(**dict(value))
+        raise TypeError(f"llamacpp settings must be a LlamaCppSettings or a mapping, got {type(value).__name__}")

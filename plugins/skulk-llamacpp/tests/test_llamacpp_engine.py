@@ -1,0 +1,260 @@
+"""The llama.cpp engine on the default model (SmolLM2-135M-Instruct, Q4_1), loaded once per module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import anyio
+import numpy as np
+import pytest
+
+from skulk_core import (
+    BackendError,
+    EmbeddingEngine,
+    Engine,
+    EngineOptions,
+    ModelCard,
+    ModelFiles,
+    RequestError,
+    SequenceChunk,
+    ShardRange,
+    Tensor,
+    Tokenizer,
+    default_model_path,
+)
+
+from skulk_llamacpp import LlamaCppBackend, LlamaCppSettings
+
+pytestmark = pytest.mark.slow  # loads a model
+
+CONTEXT = 256
+MAX_SEQUENCES = 4
+# One thread: ggml's worker threads spin at a barrier, so with two threads a test run slows down
+# badly whenever anything else wants the same two cores.
+THREADS = 1
+
+
+@pytest.fixture(scope="module")
+def card() -> ModelCard:
+    return ModelCard.from_gguf(default_model_path())
+
+
+def _load(card: ModelCard, **settings: object) -> Engine:
+    files = ModelFiles(card.id, "gguf", default_model_path())
+    options = EngineOptions(
+        context_length=CONTEXT, max_sequences=MAX_SEQUENCES, threads=THREADS, settings=LlamaCppSettings(**settings)  # type: ignore[arg-type]
+    )
+    return anyio.run(LlamaCppBackend().load, card, files, ShardRange.whole(card.n_layers), options)
+
+
+@pytest.fixture(scope="module")
+def engine(card: ModelCard) -> Iterator[Engine]:
+    engine = _load(card)
+    yield engine
+    anyio.run(engine.close)
+
+
+def step(engine: Engine, batch: Sequence[SequenceChunk]) -> list[np.ndarray | None]:
+    return [out.logits for out in anyio.run(engine.step, batch)]
+
+
+def release(engine: Engine, *request_ids: str) -> None:
+    for request_id in request_ids:
+        anyio.run(engine.release, request_id)
+
+
+def greedy_alone(engine: Engine, request_id: str, prompt: list[int], n: int) -> list[int]:
+    """Prefill ``prompt`` and decode ``n`` tokens greedily, this sequence alone in every step."""
+    (logits,) = step(engine, [SequenceChunk(request_id, 0, prompt)])
+    out = []
+    for _ in range(n):
+        assert logits is not None
+        out.append(int(np.argmax(logits)))
+        (logits,) = step(engine, [SequenceChunk(request_id, len(prompt) + len(out) - 1, (out[-1],))])
+    release(engine, request_id)
+    return out
+
+
+def text(engine: Engine, tokens: Sequence[int]) -> str:
+    assert engine.tokenizer is not None
+    return b"".join(engine.tokenizer.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+
+
+def test_engine_satisfies_the_contract(engine: Engine, card: ModelCard) -> None:
+    assert isinstance(engine, Engine) and isinstance(engine, EmbeddingEngine)
+    assert isinstance(engine.tokenizer, Tokenizer)
+    assert engine.shard == ShardRange.whole(card.n_layers)
+    assert (engine.context_length, engine.max_sequences) == (CONTEXT, MAX_SEQUENCES)
+
+
+def test_tokenizer_round_trip(engine: Engine, card: ModelCard) -> None:
+    tok = engine.tokenizer
+    assert tok is not None
+    assert tok.vocab_size == card.vocab_size == 49152
+    assert tok.bos_token_id == card.bos_token_id == 1
+    assert set(card.eos_token_ids) <= tok.eos_token_ids  # <|im_end|>, and <|endoftext|> too
+    for sample in ["The capital of France is Paris.", "naïve café — 東京 🦊", "  two  spaces\nand a newline"]:
+        ids = tok.encode(sample, add_special=False)
+        assert ids and b"".join(tok.token_bytes(i) for i in ids) == sample.encode()
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>", add_special=False)
+    assert ids[0] == 1 and ids[-1] == 2
+    assert tok.token_bytes(2) == b"<|im_end|>"
+    assert tok.is_control(1) and tok.is_control(2) and not tok.is_control(ids[1])
+    assert tok.encode("<|im_end|>", add_special=False, parse_special=False) != [2]  # taken as plain text
+    with pytest.raises(RequestError):
+        tok.token_bytes(tok.vocab_size)
+
+
+def test_greedy_decode_is_sensible(engine: Engine) -> None:
+    assert engine.tokenizer is not None
+    prompt = engine.tokenizer.encode("The capital of France is")
+    out = greedy_alone(engine, "france", prompt, 8)
+    assert "Paris" in text(engine, out)
+
+
+def test_batched_decoding_matches_each_sequence_alone(engine: Engine) -> None:
+    assert engine.tokenizer is not None
+    prompts = [
+        engine.tokenizer.encode(p)
+        for p in ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The three primary colours are"]
+    ]
+    n = 12
+    alone = [greedy_alone(engine, f"alone-{i}", p, n) for i, p in enumerate(prompts)]
+
+    # All four prefilled in one step, then all four decoded in one step each.
+    ids = [f"together-{i}" for i in range(len(prompts))]
+    logits = step(engine, [SequenceChunk(r, 0, p) for r, p in zip(ids, prompts)])
+    together: list[list[int]] = [[] for _ in prompts]
+    for _ in range(n):
+        for out, row in zip(together, logits):
+            assert row is not None and row.dtype == np.float32 and row.shape == (49152,)
+            out.append(int(np.argmax(row)))
+        logits = step(engine, [SequenceChunk(r, len(p) + len(o) - 1, (o[-1],)) for r, p, o in zip(ids, prompts, together)])
+    release(engine, *ids)
+    assert together == alone
+
+    # Staggered: a sequence joins (prefill) while the others decode, in the same step.
+    first = "staggered-0"
+    (row,) = step(engine, [SequenceChunk(first, 0, prompts[0])])
+    mine = [int(np.argmax(row))]
+    (row, joined) = step(
+        engine, [SequenceChunk(first, len(prompts[0]), (mine[0],)), SequenceChunk("staggered-1", 0, prompts[1])]
+    )
+    mine.append(int(np.argmax(row)))
+    release(engine, first, "staggered-1")
+    assert mine == alone[0][:2]
+    assert int(np.argmax(joined)) == alone[1][0]
+
+
+def test_release_frees_a_slot(engine: Engine) -> None:
+    prompt = [504, 3575, 282]
+    ids = [f"slot-{i}" for i in range(MAX_SEQUENCES)]
+    step(engine, [SequenceChunk(r, 0, prompt) for r in ids])
+    with pytest.raises(BackendError, match="at most 4 sequences"):
+        step(engine, [SequenceChunk("one-too-many", 0, prompt)])
+    release(engine, ids[0])
+    release(engine, ids[0], "never-seen")  # releasing twice, or an unknown id, is harmless
+    step(engine, [SequenceChunk("one-too-many", 0, prompt), SequenceChunk(ids[1], len(prompt), (11,))])
+    release(engine, "one-too-many", *ids)
+    assert engine.live_sequences == 0  # type: ignore[attr-defined]
+
+
+def test_over_context_chunk_is_a_request_error(engine: Engine) -> None:
+    with pytest.raises(RequestError, match="maximum context length") as raised:
+        step(engine, [SequenceChunk("long", 0, [504] * (CONTEXT + 1))])
+    assert raised.value.code == "context_length_exceeded"
+    (row,) = step(engine, [SequenceChunk("long", 0, [504] * CONTEXT)])  # exactly full is fine
+    assert row is not None
+    with pytest.raises(RequestError):
+        step(engine, [SequenceChunk("long", CONTEXT, (504,))])
+    release(engine, "long")
+    assert engine.live_sequences == 0  # type: ignore[attr-defined]
+
+
+def test_bad_chunks_are_refused_before_anything_runs(engine: Engine) -> None:
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        step(engine, [SequenceChunk("bad", 0, (1, 49152))])
+    with pytest.raises(BackendError, match="hidden states"):
+        step(engine, [SequenceChunk("bad", 0, hidden=Tensor.from_numpy(np.zeros((1, 576), np.float32)))])
+    with pytest.raises(BackendError, match="starts at position 5"):
+        step(engine, [SequenceChunk("bad", 5, (1,))])
+    with pytest.raises(BackendError, match="twice"):
+        step(engine, [SequenceChunk("bad", 0, (1,)), SequenceChunk("bad", 1, (2,))])
+    assert engine.live_sequences == 0  # type: ignore[attr-defined]
+
+
+def test_want_logits_false_and_rewinding(engine: Engine) -> None:
+    assert engine.tokenizer is not None
+    prompt = engine.tokenizer.encode("Once upon a time")
+    (none,) = step(engine, [SequenceChunk("rewind", 0, prompt[:-1], want_logits=False)])
+    assert none is None
+    (first,) = step(engine, [SequenceChunk("rewind", len(prompt) - 1, prompt[-1:])])
+    step(engine, [SequenceChunk("rewind", len(prompt), (int(np.argmax(first)),))])
+    (again,) = step(engine, [SequenceChunk("rewind", len(prompt) - 1, prompt[-1:])])  # back one position
+    release(engine, "rewind")
+    assert again is not None and first is not None
+    assert int(np.argmax(again)) == int(np.argmax(first))
+    np.testing.assert_allclose(again, first, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def small_batches(card: ModelCard) -> Iterator[Engine]:
+    """An engine whose llama_decode takes at most 16 tokens, so most steps are split."""
+    engine = _load(card, n_batch=16)
+    yield engine
+    anyio.run(engine.close)
+
+
+def test_steps_longer_than_n_batch_are_split(engine: Engine, small_batches: Engine) -> None:
+    assert engine.tokenizer is not None
+    prompt = engine.tokenizer.encode("The history of the city goes back many centuries. " * 4)
+    assert len(prompt) > 32
+    assert greedy_alone(small_batches, "split", prompt, 6) == greedy_alone(engine, "whole", prompt, 6)
+    rows = step(small_batches, [SequenceChunk("a", 0, prompt), SequenceChunk("b", 0, prompt[:20])])
+    release(small_batches, "a", "b")
+    assert all(row is not None for row in rows)
+
+
+def test_close_twice_then_refuse(card: ModelCard) -> None:
+    engine = _load(card)
+    step(engine, [SequenceChunk("x", 0, (1, 2, 3))])
+    anyio.run(engine.close)
+    anyio.run(engine.close)
+    anyio.run(engine.release, "x")
+    with pytest.raises(BackendError, match="closed"):
+        step(engine, [SequenceChunk("late", 0, (1,))])
+    with pytest.raises(BackendError, match="closed"):
+        engine.tokenizer.encode("hello")  # type: ignore[union-attr]
+
+
+def test_embeddings(engine: Engine) -> None:
+    tok = engine.tokenizer
+    assert tok is not None
+
+    def embed(sentence: str) -> np.ndarray:
+        vector = anyio.run(engine.embed, tok.encode(sentence))  # type: ignore[attr-defined]
+        assert isinstance(vector, list) and all(isinstance(v, float) for v in vector)
+        return np.asarray(vector)
+
+    cat = embed("The cat sat on the mat.")
+    kitten = embed("A kitten was sitting on the rug.")
+    tax = embed("Quarterly tax filings are due to the revenue office in April.")
+    assert cat.shape == (576,)
+    for v in (cat, kitten, tax):
+        assert abs(np.linalg.norm(v) - 1.0) < 1e-6
+    assert cat @ kitten > cat @ tax
+    np.testing.assert_allclose(embed("The cat sat on the mat."), cat, atol=1e-6)  # repeatable
+    with pytest.raises(RequestError):
+        anyio.run(engine.embed, [])  # type: ignore[attr-defined]
+    with pytest.raises(RequestError, match="most this model embeds"):
+        anyio.run(engine.embed, [504] * (CONTEXT + 1))  # type: ignore[attr-defined]
+
+
+def test_long_embeddings_average_every_position(engine: Engine, small_batches: Engine) -> None:
+    """An input longer than one micro-batch is pooled over all of it, not just its last part."""
+    assert engine.tokenizer is not None
+    tokens = engine.tokenizer.encode("Skulk joins several machines into one inference cluster. " * 4)
+    assert len(tokens) > 32
+    pooled = np.asarray(anyio.run(small_batches.embed, tokens))  # type: ignore[attr-defined]
+    whole = np.asarray(anyio.run(engine.embed, tokens))  # type: ignore[attr-defined]
+    assert pooled @ whole > 0.999
