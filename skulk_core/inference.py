@@ -635,7 +635,8 @@ class ModelServer:
             except (PlacementError, TransportError) as exc:
                 # Not enough nodes yet (min_nodes), or no master yet: try again as the cluster grows.
                 if str(exc) != last_error:
-                    log.warning("cannot place %s yet: %s", ref, exc)
+                    level = logging.INFO if isinstance(exc, TransportError) else logging.WARNING
+                    log.log(level, "cannot place %s yet: %s", ref, exc)
                     last_error = str(exc)
                     self._failures[card.id] = ServedModel(card, config.backend or "-", "failed", str(exc))
                     self.refresh()
