@@ -1,0 +1,270 @@
+"""The torch engine: one stage of a llama-family model, stepping many sequences at once.
+
+Each request holds its own KV cache for this stage's layers: one tensor (layers, K/V, kv heads,
+capacity, head_dim), created on the request's first chunk with room for the chunk and grown by
+doubling up to ``context_length``, so a short request never costs a full context of memory.
+:meth:`TorchEngine.release` drops it.
+
+A step runs in a worker thread under ``torch.inference_mode()``; a lock keeps steps, releases and
+closing one at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import anyio
+import numpy as np
+from attrs import define
+
+from skulk_core import (
+    BackendError,
+    EngineOptions,
+    ModelCard,
+    RequestError,
+    SequenceChunk,
+    ShardRange,
+    StageOutput,
+    Tensor,
+)
+
+from skulk_torch.model import SequenceSlice, StageModel
+from skulk_torch.tokenizer import PieceTokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("skulk.torch")
+
+MIN_CACHE_CAPACITY = 256  # positions a new sequence's cache holds at first
+_HIDDEN_DTYPES = {"float32", "float16", "bfloat16"}
+
+
+@define(eq=False)
+class _Sequence:
+    cache: torch.Tensor  # (layers, 2, kv heads, capacity, head_dim)
+    length: int = 0  # positions cached
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.shape[3]
+
+
+class TorchEngine:
+    """A loaded stage; satisfies :class:`skulk_core.Engine`. Build it with :func:`skulk_torch.backend.load_engine`."""
+
+    def __init__(
+        self,
+        card: ModelCard,
+        shard: ShardRange,
+        options: EngineOptions,
+        model: StageModel,
+        tokenizer: PieceTokenizer | None,
+        threads: int,
+    ) -> None:
+        self.card = card
+        self.shard = shard
+        self.context_length = options.context_length
+        self.max_sequences = options.max_sequences
+        self.tokenizer = tokenizer
+        self.threads = threads
+        self.model: StageModel | None = model
+        self.config = model.config
+        self.device = model.device
+        self.dtype = model.dtype
+        self._sequences: dict[str, _Sequence] = {}
+        self._lock = threading.Lock()
+
+    # -- stepping ----------------------------------------------------------------------------
+
+    async def step(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]:
+        """Run every chunk through this stage's layers in one forward pass."""
+        if not batch:
+            return []
+        return await anyio.to_thread.run_sync(self._step, list(batch))
+
+    def _step(self, batch: list[SequenceChunk]) -> list[StageOutput]:
+        import torch
+
+        with self._lock, torch.inference_mode():
+            model = self._open_model()
+            if torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)  # process-wide: another engine here may use another count
+            self._check(batch)
+            x = self._inputs(batch)
+            fresh = [chunk.request_id for chunk in batch if chunk.request_id not in self._sequences]
+            try:
+                slices = []
+                row = 0
+                for chunk in batch:
+                    seq = self._reserve(model, chunk.request_id, chunk.position + chunk.length)
+                    slices.append(SequenceSlice(row, chunk.length, chunk.position, seq.cache))
+                    row += chunk.length
+                positions = torch.from_numpy(
+                    np.concatenate([np.arange(c.position, c.position + c.length) for c in batch])
+                ).to(self.device)
+                x = model.forward(x, positions, slices)
+                outputs = self._outputs(model, batch, x)
+            except BaseException:
+                for request_id in fresh:
+                    self._sequences.pop(request_id, None)
+                raise
+            for chunk in batch:
+                self._sequences[chunk.request_id].length = chunk.position + chunk.length
+            return outputs
+
+    def _check(self, batch: list[SequenceChunk]) -> None:
+        """Refuse a bad step before anything changes."""
+        seen: set[str] = set()
+        for chunk in batch:
+            request_id = chunk.request_id
+            if request_id in seen:
+                raise BackendError(f"a step holds request {request_id} twice; send one chunk per request per step")
+            seen.add(request_id)
+            if self.shard.is_first:
+                if chunk.tokens is None:
+                    raise BackendError(f"the first stage needs token ids, but the chunk of request {request_id} has none")
+            elif chunk.hidden is None:
+                raise BackendError(
+                    f"stage [{self.shard.start}, {self.shard.end}) needs the previous stage's hidden states, "
+                    f"but the chunk of request {request_id} has none"
+                )
+            if chunk.length < 1:
+                raise RequestError(f"the chunk of request {request_id} is empty", param="prompt")
+            end = chunk.position + chunk.length
+            if end > self.context_length:
+                raise RequestError(
+                    f"This model's maximum context length is {self.context_length} tokens; request {request_id} "
+                    f"would reach {end}. Shorten the prompt or the completion, or raise serve.context_length.",
+                    param="messages",
+                    code="context_length_exceeded",
+                )
+            cached = self._sequences[request_id].length if request_id in self._sequences else 0
+            if not 0 <= chunk.position <= cached:
+                raise BackendError(
+                    f"the chunk of request {request_id} starts at position {chunk.position}, but its KV cache holds "
+                    f"{cached} positions; a chunk must continue (or rewind) its sequence"
+                )
+        fresh = len(seen - self._sequences.keys())
+        if len(self._sequences) + fresh > self.max_sequences:
+            raise BackendError(
+                f"the torch engine holds at most {self.max_sequences} sequences and {len(self._sequences)} are in use; "
+                f"this step needs {fresh} more. Release finished requests first, or load the model with a larger "
+                "max_sequences (serve.max_sequences)"
+            )
+
+    def _inputs(self, batch: list[SequenceChunk]) -> torch.Tensor:
+        """The batch's rows: embedded tokens (first stage) or the previous stage's activations."""
+        import torch
+
+        model = self._open_model()
+        if self.shard.is_first:
+            ids = np.fromiter((t for chunk in batch for t in chunk.tokens or ()), dtype=np.int64)
+            vocab = self.config.vocab_size
+            if ids.min() < 0 or ids.max() >= vocab:
+                bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+                raise RequestError(f"token id {bad} is outside the vocabulary (0 to {vocab - 1})", param="prompt")
+            return model.embed_tokens(torch.from_numpy(ids).to(self.device))
+        parts = []
+        for chunk in batch:
+            hidden = chunk.hidden
+            assert hidden is not None
+            if hidden.dtype not in _HIDDEN_DTYPES or hidden.shape != (chunk.length, self.config.hidden_size):
+                raise BackendError(
+                    f"request {chunk.request_id}: expected hidden states of shape ({chunk.length}, "
+                    f"{self.config.hidden_size}) and a float dtype, got {hidden.shape} {hidden.dtype}"
+                )
+            parts.append(_from_tensor(hidden))
+        return torch.cat(parts).to(device=self.device, dtype=self.dtype)
+
+    def _outputs(self, model: StageModel, batch: list[SequenceChunk], x: torch.Tensor) -> list[StageOutput]:
+        import torch
+
+        if not self.shard.is_last:
+            rows = x.to(device="cpu", dtype=torch.float32).numpy()
+            outputs, row = [], 0
+            for chunk in batch:
+                part = rows[row : row + chunk.length]
+                outputs.append(StageOutput(chunk.request_id, hidden=Tensor("float32", part.shape, part.tobytes())))
+                row += chunk.length
+            return outputs
+        ends = np.cumsum([chunk.length for chunk in batch]) - 1
+        wanted = [i for i, chunk in enumerate(batch) if chunk.want_logits]
+        logits: list[np.ndarray | None] = [None] * len(batch)
+        if wanted:
+            picked = model.logits(x[torch.from_numpy(ends[wanted]).to(self.device)]).cpu().numpy()
+            for i, row in zip(wanted, picked):
+                logits[i] = row
+        return [StageOutput(chunk.request_id, logits=row) for chunk, row in zip(batch, logits)]
+
+    def _reserve(self, model: StageModel, request_id: str, needed: int) -> _Sequence:
+        """The request's cache, created or grown to hold ``needed`` positions."""
+        seq = self._sequences.get(request_id)
+        if seq is not None and seq.capacity >= needed:
+            return seq
+        capacity = MIN_CACHE_CAPACITY
+        while capacity < needed:
+            capacity *= 2
+        capacity = min(max(capacity, 2 * seq.capacity if seq else 0), self.context_length)
+        cache = model.new_cache(capacity)
+        if seq is None:
+            seq = self._sequences[request_id] = _Sequence(cache)
+        else:
+            cache[:, :, :, : seq.length] = seq.cache[:, :, :, : seq.length]
+            seq.cache = cache
+        return seq
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    async def release(self, request_id: str) -> None:
+        """Drop ``request_id``'s KV cache; unknown ids are ignored."""
+        if request_id in self._sequences:
+            # In a thread: a step may hold the lock, and the event loop must not wait on it.
+            await anyio.to_thread.run_sync(self._release, request_id)
+
+    def _release(self, request_id: str) -> None:
+        with self._lock:
+            self._sequences.pop(request_id, None)
+
+    @property
+    def live_sequences(self) -> int:
+        return len(self._sequences)
+
+    def cache_bytes(self) -> int:
+        """Bytes the live sequences' KV caches hold."""
+        return sum(seq.cache.untyped_storage().nbytes() for seq in self._sequences.values())
+
+    def parameter_bytes(self) -> dict[str, int]:
+        """Bytes of weights by part (``blocks``, ``embed``, ``head``); see :meth:`StageModel.parameter_bytes`."""
+        return self._open_model().parameter_bytes()
+
+    def _open_model(self) -> StageModel:
+        if self.model is None:
+            raise BackendError(f"the torch engine for {self.card.id} layers [{self.shard.start}, {self.shard.end}) is closed")
+        return self.model
+
+    async def close(self) -> None:
+        """Free the weights, caches and tokenizer. Safe to call twice."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._close)
+
+    def _close(self) -> None:
+        with self._lock:
+            self._sequences.clear()
+            self.model = None
+            close = getattr(self.tokenizer, "close", None)
+            if close is not None:
+                close()
+
+
+def _from_tensor(tensor: Tensor) -> torch.Tensor:
+    import torch
+
+    if tensor.dtype == "bfloat16":
+        raw = torch.frombuffer(bytearray(tensor.data), dtype=torch.bfloat16)
+    else:
+        raw = torch.from_numpy(tensor.to_numpy().copy())
+    return raw.reshape(tensor.shape)

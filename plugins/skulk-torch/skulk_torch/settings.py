@@ -1,0 +1,51 @@
+"""The ``torch:`` section of ``skulk.yaml``: how the torch backend holds weights and tokenizes.
+
+Every field can also be set as ``SKULK_TORCH_<FIELD>``. The engine receives the structured section
+as ``EngineOptions.settings``; when it is None (no config, a test), the defaults below apply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+from attrs import field, frozen
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+TOKENIZERS = ("auto", "llamacpp", "tokenizers")
+
+
+def _one_of(choices: tuple[str, ...]):  # noqa: ANN202
+    def check(_: object, attribute: attrs.Attribute, value: str) -> None:
+        if value not in choices:
+            raise ValueError(f"torch.{attribute.name} must be one of {', '.join(choices)}; got {value!r}")
+
+    return check
+
+
+@frozen
+class TorchSettings:
+    """Options of the torch backend.
+
+    - ``dtype``: element type of weights, activations and KV cache. ``auto``: float32 on a CPU
+      (the fastest there, and what reproduces llama.cpp's greedy tokens), bfloat16 on CUDA where
+      the GPU supports it, float16 otherwise.
+    - ``tokenizer``: how the first stage tokenizes a GGUF model. ``auto``: llama.cpp's own
+      tokenizer (a vocabulary-only load through llama-cpp-python) when that is installed, else one
+      built with the ``tokenizers`` library from the GGUF's vocabulary and merges. A safetensors
+      model always uses its ``tokenizer.json`` through ``tokenizers``.
+    """
+
+    dtype: str = field(default="auto", validator=_one_of(DTYPES))
+    tokenizer: str = field(default="auto", validator=_one_of(TOKENIZERS))
+
+    @classmethod
+    def coerce(cls, value: object) -> TorchSettings:
+        """The settings an engine was given: None means defaults; a mapping is taken as the section."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            return cls(**dict(value))
+        raise TypeError(f"torch settings must be a TorchSettings or a mapping, got {type(value).__name__}")

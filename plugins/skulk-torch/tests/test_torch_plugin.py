@@ -1,0 +1,467 @@
+"""The torch plugin without the default model: entry point, estimates, dequantization, tiny models.
+
+Tiny random models (``torch_tiny_models``) are checked against a float64 reference forward pass
+and, where llama-cpp-python is installed, against llama.cpp itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+import numpy as np
+import pytest
+
+from skulk_core import (
+    BackendError,
+    ConfigError,
+    ConfigLoader,
+    EngineOptions,
+    ModelCard,
+    ModelFiles,
+    ModelSource,
+    RequestError,
+    SequenceChunk,
+    ShardRange,
+    Tokenizer,
+    default_model_path,
+)
+from skulk_core.pipeline import LocalChain
+from skulk_core.plugins import PluginSelection, make_plugin_manager
+
+from skulk_torch import TorchBackend, TorchSettings
+from skulk_torch.backend import config_from_card
+from skulk_torch.checkpoint import interleave_rotary_rows, read_config
+from skulk_torch.gguf_file import GGUFFile
+from torch_tiny_models import TinyModel, make_tiny, permute_rows, reference_logits, write_gguf, write_safetensors
+
+try:
+    import llama_cpp
+except ImportError:  # the reference comparisons with llama.cpp are skipped
+    llama_cpp = None
+
+needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed")
+
+
+# -- the plugin ----------------------------------------------------------------------------------
+
+
+def test_core_is_installed_from_this_repository() -> None:
+    import skulk_core
+
+    assert importlib.metadata.version("skulk").startswith("0.1")
+    assert skulk_core.__version__.startswith("0.1")
+
+
+def test_entry_point_is_registered() -> None:
+    eps = {ep.name: ep for ep in importlib.metadata.entry_points(group="skulk")}
+    assert "torch" in eps, "run: pip install --no-deps -e plugins/skulk-torch"
+    assert eps["torch"].value == "skulk_torch.plugin"
+    assert eps["torch"].dist is not None and eps["torch"].dist.name == "skulk-torch"
+
+
+def test_plugin_manager_finds_backend_and_config_section() -> None:
+    plugins = make_plugin_manager(PluginSelection(autoload=False, plugins=("torch",)))
+    backend = plugins.backends().backend("torch")
+    caps = backend.capabilities
+    assert backend.name == "torch"
+    assert caps.formats == {"gguf", "safetensors"} and caps.layer_ranges and caps.batching
+    assert caps.architectures == {"llama", "mistral", "qwen2"}
+    assert caps.devices[-1] == "cpu"
+    assert plugins.config_sections().get("torch") is TorchSettings
+
+
+def test_importing_the_plugin_does_not_import_torch() -> None:
+    code = (
+        "import sys, skulk_torch.plugin; b = skulk_torch.TorchBackend(); b.capabilities;"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_config_section_from_file_and_environment() -> None:
+    loader = ConfigLoader(document={"torch": {"dtype": "float32"}}, env={"SKULK_TORCH_TOKENIZER": "tokenizers"}, cli={})
+    settings = loader.resolve({"torch": TorchSettings}).section("torch")
+    assert settings == TorchSettings(dtype="float32", tokenizer="tokenizers")
+    with pytest.raises(ConfigError, match="dtype"):
+        ConfigLoader(document={"torch": {"dtype": "float8"}}, env={}, cli={}).resolve({"torch": TorchSettings})
+
+
+def _card(arch: str = "llama", **changes: object) -> ModelCard:
+    values: dict[str, object] = dict(
+        id="m", architecture=arch, n_layers=30, hidden_size=576, n_heads=9, n_kv_heads=3, context_length=8192,
+        vocab_size=49152, bytes_on_disk=100_000_000, source=ModelSource(kind="local", path="/nonexistent.gguf"),
+        quantization="Q4_1",
+    )
+    values.update(changes)
+    return ModelCard(**values)  # type: ignore[arg-type]
+
+
+def test_supports_names_the_reason() -> None:
+    backend = TorchBackend()
+    assert backend.supports(_card()) is None
+    assert backend.supports(_card("qwen2")) is None
+    reason = backend.supports(_card("gemma3"))
+    assert reason is not None and "gemma3" in reason and "llamacpp" in reason
+
+
+def test_estimate_memory_from_the_file() -> None:
+    """With the file readable, the estimate uses its exact shape: weights at 4 bytes a parameter."""
+    backend = TorchBackend()
+    card = ModelCard.from_gguf(default_model_path())
+    config = read_config(default_model_path())
+    assert config.ffn_size == 1536 and config.tied_embeddings
+    options = EngineOptions(context_length=1024, max_sequences=2, settings=TorchSettings(dtype="float32"))
+    whole = backend.estimate_memory(card, ShardRange.whole(30), options)
+    middle = backend.estimate_memory(card, ShardRange(10, 20, 30), options)
+    kv_whole = 2 * 30 * 3 * 64 * 4 * 1024 * 2
+    blocks = config.layer_params() * 30 * 4
+    embedding = 49152 * 576 * 4
+    assert config.layer_params() * 30 + 49152 * 576 + 576 == 134_515_008  # the GGUF's element count
+    fixed = whole - blocks - embedding - 576 * 4 - kv_whole  # activations, tokenizer, runtime
+    assert 300 * 2**20 < fixed < 800 * 2**20
+    # The middle third: a third of the blocks and of the KV cache, no embedding or tokenizer.
+    assert middle < whole - embedding - blocks * 2 // 3 - kv_whole * 2 // 3
+    more = backend.estimate_memory(card, ShardRange(10, 20, 30), EngineOptions(context_length=2048, max_sequences=2))
+    assert more - middle >= 2 * 10 * 3 * 64 * 4 * 1024 * 2  # KV cache doubles with the context
+
+
+def test_estimate_memory_from_the_card_alone() -> None:
+    card = ModelCard.from_gguf(default_model_path())
+    unreadable = _card(bytes_on_disk=card.bytes_on_disk)
+    estimated = config_from_card(unreadable)
+    exact = read_config(default_model_path())
+    # Within a factor of 1.5 of the real block size, erring high (Q8_0 embedding counted as Q4_1).
+    assert exact.layer_params() <= estimated.layer_params() < 1.5 * exact.layer_params()
+    backend = TorchBackend()
+    options = EngineOptions(context_length=1024)
+    assert backend.estimate_memory(unreadable, ShardRange(0, 10, 30), options) > backend.estimate_memory(
+        unreadable, ShardRange(10, 20, 30), options
+    )
+
+
+# -- dequantization ------------------------------------------------------------------------------
+
+# Every type claimed, with a reference for each: llama.cpp's own ggml (its quantizer writes the
+# blocks, its dequantizer is the reference) where llama-cpp-python is installed, and for the simple
+# block types also a dequantizer written here from the block layouts.
+QUANTIZED = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+FLOATS = ["F32", "F16", "BF16"]
+
+
+class _Ggml:
+    """llama.cpp's ggml library through ctypes: quantize and dequantize rows of any type."""
+
+    class Traits(ctypes.Structure):
+        _fields_ = [
+            ("type_name", ctypes.c_char_p),
+            ("blck_size", ctypes.c_int64),
+            ("blck_size_interleave", ctypes.c_int64),
+            ("type_size", ctypes.c_size_t),
+            ("is_quantized", ctypes.c_bool),
+            ("to_float", ctypes.c_void_p),
+            ("from_float_ref", ctypes.c_void_p),
+        ]
+
+    def __init__(self) -> None:
+        assert llama_cpp is not None
+        lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+        lib.ggml_get_type_traits.restype = ctypes.POINTER(self.Traits)
+        lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+        lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+        lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                            ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        self.lib = lib
+
+    def quantize(self, values: np.ndarray, kind: int, row_bytes: int) -> np.ndarray:
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        out = np.zeros((values.shape[0], row_bytes), dtype=np.uint8)
+        self.lib.ggml_quantize_chunk(kind, values.ctypes.data, out.ctypes.data, 0, values.shape[0], values.shape[1], None)
+        return out
+
+    def dequantize(self, raw: np.ndarray, kind: int, n: int) -> np.ndarray:
+        traits = self.lib.ggml_get_type_traits(kind).contents
+        to_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(traits.to_float)
+        raw = np.ascontiguousarray(raw)
+        out = np.zeros(n, dtype=np.float32)
+        to_float(raw.ctypes.data, out.ctypes.data, n)
+        return out
+
+
+def _spec_dequantize(raw: np.ndarray, kind: str) -> np.ndarray:
+    """Q8_0, Q4_0 and Q4_1 by hand from ggml's block layouts (ggml-common.h), one block at a time."""
+    size = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind]
+    out = []
+    for block in raw.reshape(-1, size):
+        d = float(block[:2].view(np.float16)[0])
+        if kind == "Q8_0":
+            out.append(d * block[2:].view(np.int8).astype(np.float32))
+            continue
+        m = float(block[2:4].view(np.float16)[0]) if kind == "Q4_1" else 0.0
+        qs = block[4:] if kind == "Q4_1" else block[2:]
+        low, high = (qs & 0x0F).astype(np.float32), (qs >> 4).astype(np.float32)
+        if kind == "Q4_0":
+            low, high = low - 8, high - 8
+        out.append(np.concatenate([d * low + m, d * high + m]))
+    return np.concatenate(out).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def quant_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    """A GGUF holding one (4, 512) tensor per type, and the float values each was made from."""
+    import gguf
+
+    rng = np.random.default_rng(7)
+    path = tmp_path_factory.mktemp("quant") / "quant.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    sources: dict[str, np.ndarray] = {}
+    ggml = _Ggml() if llama_cpp is not None else None
+    for name in FLOATS + QUANTIZED:
+        values = rng.standard_normal((4, 512)).astype(np.float32)
+        sources[name] = values
+        kind = gguf.GGMLQuantizationType[name]
+        if name == "F32":
+            writer.add_tensor(name, values)
+        elif name == "F16":
+            writer.add_tensor(name, values.astype(np.float16))
+        elif name in ("BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1") and ggml is None:
+            writer.add_tensor(name, gguf.quants.quantize(values, kind), raw_dtype=kind)  # gguf's own quantizer
+        elif ggml is not None:
+            block, type_size = gguf.GGML_QUANT_SIZES[kind]
+            writer.add_tensor(name, ggml.quantize(values, int(kind), 512 // block * type_size), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, sources
+
+
+@pytest.mark.parametrize("name", FLOATS + QUANTIZED)
+def test_dequantization_matches_reference(quant_file: tuple[Path, dict[str, np.ndarray]], name: str) -> None:
+    path, sources = quant_file
+    with GGUFFile(path) as gguf_file:
+        if name not in gguf_file.tensors:
+            pytest.skip(f"{name} blocks are written by llama.cpp's quantizer; llama-cpp-python is not installed")
+        info = gguf_file.tensors[name]
+        got = gguf_file.read(name)
+        raw = np.array(gguf_file.raw(name))
+    assert got.shape == (4, 512) and got.dtype == np.float32 and info.shape == (4, 512)
+    source = sources[name]
+    if name == "F32":
+        np.testing.assert_array_equal(got, source)
+    elif name == "F16":
+        np.testing.assert_array_equal(got, source.astype(np.float16).astype(np.float32))
+    if name in ("Q8_0", "Q4_0", "Q4_1"):
+        np.testing.assert_array_equal(got.reshape(-1), _spec_dequantize(raw, name))
+    if llama_cpp is not None and name != "F32":  # ggml has no converter for F32: it is already floats
+        import gguf
+
+        np.testing.assert_array_equal(got.reshape(-1), _Ggml().dequantize(raw, int(gguf.GGMLQuantizationType[name]), got.size))
+    # and the values are the source's within the type's precision
+    tolerance = {"F32": 0, "F16": 1e-3, "BF16": 1e-2, "Q8_0": 0.03, "Q6_K": 0.06, "Q5_0": 0.12, "Q5_1": 0.12,
+                 "Q5_K": 0.12, "Q4_0": 0.25, "Q4_1": 0.25, "Q4_K": 0.25, "Q3_K": 0.5, "Q2_K": 1.0}[name]
+    assert np.abs(got - source).max() <= tolerance * np.abs(source).max() + 1e-7
+
+
+def test_gguf_index_matches_gguf_reader(quant_file: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
+    """The fast header reader sees the same keys, tensors, shapes and bytes as gguf.GGUFReader."""
+    import gguf
+
+    tiny = write_gguf(make_tiny("qwen2", n_layers=1), tmp_path / "tiny.gguf")
+    for path in (quant_file[0], tiny):
+        reader = gguf.GGUFReader(path)
+        with GGUFFile(path) as gguf_file:
+            assert len(gguf_file.tensors) == len(reader.tensors)
+            for tensor in reader.tensors:
+                info = gguf_file.tensors[tensor.name]
+                assert info.ggml_type == int(tensor.tensor_type)
+                assert info.dims == tuple(int(d) for d in tensor.shape)
+                assert np.array_equal(np.asarray(gguf_file.raw(tensor.name)).reshape(-1), np.asarray(tensor.data).view(np.uint8).reshape(-1))
+            for key, field in reader.fields.items():
+                if key.startswith("GGUF."):
+                    continue
+                want = field.contents()
+                got = gguf_file.array(key) if isinstance(want, list) else gguf_file.get(key)
+                assert got == pytest.approx(want) if isinstance(want, float) else got == want, key
+    with GGUFFile(default_model_path()) as gguf_file:
+        assert len(gguf_file.tensors) == 272
+        assert gguf_file.tensors["blk.0.ffn_down.weight"].shape == (576, 1536)
+        assert len(gguf_file.array("tokenizer.ggml.tokens")) == 49152
+
+
+def test_rotary_layout_is_the_converters() -> None:
+    values = np.arange(8 * 3 * 5, dtype=np.float32).reshape(24, 5)
+    np.testing.assert_array_equal(interleave_rotary_rows(values, 3), permute_rows(values, 3))
+    assert interleave_rotary_rows(np.arange(8.0), 1).tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+# -- tiny models ---------------------------------------------------------------------------------
+
+
+def _files(path: Path) -> tuple[ModelCard, ModelFiles]:
+    config = read_config(path)
+    fmt = "safetensors" if path.is_dir() else "gguf"
+    card = ModelCard(
+        id=path.stem, architecture=config.architecture, n_layers=config.n_layers, hidden_size=config.hidden_size,
+        n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, context_length=config.context_length,
+        vocab_size=config.vocab_size, bytes_on_disk=1, source=ModelSource(kind="local", path=str(path)), format=fmt,
+    )
+    return card, ModelFiles(card.id, fmt, path)
+
+
+def _load(path: Path, shard: ShardRange | None = None, **options: object):  # noqa: ANN202
+    card, files = _files(path)
+    values: dict[str, object] = {"context_length": 64, "max_sequences": 3, "threads": 1}
+    values.update(options)
+    return anyio.run(TorchBackend().load, card, files, shard or ShardRange.whole(card.n_layers), EngineOptions(**values))  # type: ignore[arg-type]
+
+
+def _logits_by_chunks(engine: object, tokens: Sequence[int], cuts: Sequence[int]) -> list[np.ndarray]:
+    """Feed ``tokens`` in chunks ending at ``cuts``; the last-position logits after each chunk."""
+    out, start = [], 0
+    for end in cuts:
+        (result,) = anyio.run(engine.step, [SequenceChunk("r", start, tokens[start:end])])  # type: ignore[attr-defined]
+        out.append(result.logits)
+        start = end
+    anyio.run(engine.release, "r")  # type: ignore[attr-defined]
+    return out
+
+
+TOKENS = [72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 257, 10, 65]
+CUTS = [5, 9, 10, 11, 16]  # a prefill, a chunk after it (masked against the cache), decodes, a tail
+
+
+def _check_against_reference(engine: object, model: TinyModel, tolerance: float = 2e-4) -> None:
+    got = _logits_by_chunks(engine, TOKENS, CUTS)
+    for end, logits in zip(CUTS, got):
+        want = reference_logits(model, TOKENS[:end])[-1]
+        assert logits.dtype == np.float32 and logits.shape == (model.vocab,)
+        np.testing.assert_allclose(logits, want, atol=tolerance * np.abs(want).max(), rtol=0)
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", False), ("llama", True), ("qwen2", False)])
+def test_safetensors_model_matches_reference(tmp_path: Path, arch: str, tied: bool) -> None:
+    model = make_tiny(arch, tied=tied)
+    engine = _load(write_safetensors(model, tmp_path / "model"))
+    try:
+        assert isinstance(engine.tokenizer, Tokenizer)
+        assert engine.tokenizer.encode("Hi<|im_end|>") == [72, 105, 258]
+        assert engine.tokenizer.eos_token_ids == {256, 258} and engine.tokenizer.is_control(258)  # and <|endoftext|>
+        assert engine.tokenizer.token_bytes(32) == b" "
+        _check_against_reference(engine, model)
+    finally:
+        anyio.run(engine.close)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_model_matches_reference(tmp_path: Path, arch: str) -> None:
+    """The GGUF of the same weights (Q/K permuted for llama) gives the reference's logits."""
+    model = make_tiny(arch)
+    engine = _load(write_gguf(model, tmp_path / "tiny.gguf"))
+    try:
+        _check_against_reference(engine, model)
+    finally:
+        anyio.run(engine.close)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_matches_reference_roughly(tmp_path: Path, dtype: str) -> None:
+    """The half-precision path (a GPU's default; rotary by hand instead of complex numbers)."""
+    model = make_tiny("qwen2")
+    engine = _load(write_gguf(model, tmp_path / "tiny.gguf"), settings=TorchSettings(dtype=dtype))
+    try:
+        assert engine.dtype == getattr(__import__("torch"), dtype)
+        _check_against_reference(engine, model, tolerance=0.03)
+    finally:
+        anyio.run(engine.close)
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_reference_is_what_llama_cpp_computes(tmp_path: Path, arch: str) -> None:
+    """llama.cpp on the tiny GGUF computes the reference's logits: the reference is the real model."""
+    model = make_tiny(arch)
+    path = write_gguf(model, tmp_path / "tiny.gguf")
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=64, n_threads=1, n_threads_batch=1, logits_all=True, verbose=False, type_k=0, type_v=0
+    )  # type 0: an F32 KV cache
+    try:
+        llm.eval(TOKENS)
+        want = reference_logits(model, TOKENS)
+        np.testing.assert_allclose(np.asarray(llm.scores[: len(TOKENS)]), want, atol=1e-3 * np.abs(want).max(), rtol=0)
+    finally:
+        llm.close()
+
+
+def test_stages_of_a_tiny_model_chain_to_the_whole(tmp_path: Path) -> None:
+    model = make_tiny("llama", n_layers=4, tied=True)
+    path = write_gguf(model, tmp_path / "tiny.gguf", weight_type="F16")
+    stages = [_load(path, ShardRange(a, b, 4)) for a, b in ((0, 1), (1, 3), (3, 4))]
+    try:
+        assert stages[0].tokenizer is not None and stages[1].tokenizer is None
+        assert stages[1].parameter_bytes()["embed"] == 0 and stages[1].parameter_bytes()["head"] == 0
+        assert stages[2].parameter_bytes()["head"] > 0  # the tied embedding, as the head
+        chain = LocalChain(stages)
+        (out,) = anyio.run(chain.step, [SequenceChunk("r", 0, TOKENS)])
+        whole = _load(path)
+        try:
+            (want,) = anyio.run(whole.step, [SequenceChunk("r", 0, TOKENS)])
+        finally:
+            anyio.run(whole.close)
+        np.testing.assert_allclose(out.logits, want.logits, atol=1e-5, rtol=0)
+        (middle,) = anyio.run(stages[0].step, [SequenceChunk("s", 0, TOKENS[:3])])
+        assert middle.logits is None and middle.hidden is not None
+        assert middle.hidden.dtype == "float32" and middle.hidden.shape == (3, model.hidden)
+    finally:
+        for stage in stages:
+            anyio.run(stage.close)
+
+
+def test_limits_and_errors(tmp_path: Path) -> None:
+    model = make_tiny("llama", n_layers=1)
+    engine = _load(write_gguf(model, tmp_path / "tiny.gguf"), context_length=16, max_sequences=2)
+    try:
+        with pytest.raises(RequestError, match="maximum context length is 16"):
+            anyio.run(engine.step, [SequenceChunk("a", 0, list(range(17)))])
+        with pytest.raises(RequestError, match="outside the vocabulary"):
+            anyio.run(engine.step, [SequenceChunk("a", 0, [5, 100000])])
+        assert engine.live_sequences == 0  # a refused step leaves nothing behind
+        anyio.run(engine.step, [SequenceChunk("a", 0, [1, 2]), SequenceChunk("b", 0, [3])])
+        with pytest.raises(BackendError, match="at most 2 sequences"):
+            anyio.run(engine.step, [SequenceChunk("c", 0, [1])])
+        with pytest.raises(BackendError, match="starts at position 5"):
+            anyio.run(engine.step, [SequenceChunk("a", 5, [1])])
+        with pytest.raises(BackendError, match="twice"):
+            anyio.run(engine.step, [SequenceChunk("a", 2, [1]), SequenceChunk("a", 3, [1])])
+        # Rewinding a sequence (position before its end) overwrites the rest of its cache.
+        (again,) = anyio.run(engine.step, [SequenceChunk("a", 1, [7])])
+        anyio.run(engine.release, "b")
+        (fresh,) = anyio.run(engine.step, [SequenceChunk("b", 0, [1, 7])])
+        np.testing.assert_allclose(again.logits, fresh.logits, atol=1e-5)  # one decode, one prefill kernel
+        with pytest.raises(BackendError, match="hidden states"):
+            stage = _load(write_gguf(make_tiny("llama", n_layers=2), tmp_path / "two.gguf"), ShardRange(1, 2, 2))
+            try:
+                anyio.run(stage.step, [SequenceChunk("a", 0, [1])])
+            finally:
+                anyio.run(stage.close)
+    finally:
+        anyio.run(engine.close)
+    with pytest.raises(BackendError, match="closed"):
+        anyio.run(engine.step, [SequenceChunk("a", 0, [1])])
+
+
+def test_load_refuses_what_it_cannot_run(tmp_path: Path) -> None:
+    path = write_gguf(make_tiny("llama", n_layers=2), tmp_path / "tiny.gguf")
+    card, files = _files(path)
+    backend = TorchBackend()
+    with pytest.raises(BackendError, match="3-layer model, but tiny has 2"):
+        anyio.run(backend.load, card, files, ShardRange(0, 1, 3), EngineOptions(context_length=8))
+    with pytest.raises(BackendError, match="no CUDA device|unknown torch device"):
+        anyio.run(backend.load, card, files, ShardRange.whole(2), EngineOptions(context_length=8, device="cuda"))
+    with pytest.raises(BackendError, match="gemma"):
+        anyio.run(backend.load, _card("gemma"), files, ShardRange.whole(30), EngineOptions(context_length=8))
