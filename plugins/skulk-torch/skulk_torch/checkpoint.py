@@ -328,7 +328,7 @@ class SafetensorsReader(CheckpointReader):
             for file in files:
                 handle = safe_open(str(file), framework="pt")
                 self._handles.append(handle)
-                for name in handle.keys():
+                for name in handle.keys():  # safe_open handles are not mappings
                     self._where[name] = handle
         except Exception as exc:
             raise ModelError(f"cannot read {path}'s safetensors files: {exc}") from exc

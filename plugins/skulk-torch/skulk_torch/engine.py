@@ -106,11 +106,15 @@ class TorchEngine:
                 positions = torch.from_numpy(
                     np.concatenate([np.arange(c.position, c.position + c.length) for c in batch])
                 ).to(self.device)
-                x = model.forward(x, positions, slices)
+                x = model.forward(x, positions, slices, self.threads)
                 outputs = self._outputs(model, batch, x)
             except BaseException:
                 for request_id in fresh:
                     self._sequences.pop(request_id, None)
+                for chunk in batch:  # a failed step may have overwritten cache from its chunk on
+                    seq = self._sequences.get(chunk.request_id)
+                    if seq is not None:
+                        seq.length = min(seq.length, chunk.position)
                 raise
             for chunk in batch:
                 self._sequences[chunk.request_id].length = chunk.position + chunk.length

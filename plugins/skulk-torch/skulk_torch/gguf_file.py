@@ -132,8 +132,6 @@ class GGUFFile:
 
 
 def _parse(buf: np.ndarray) -> tuple[dict[str, Any], dict[str, TensorInfo], int]:
-    import gguf
-
     if bytes(buf[:4]) != MAGIC:
         raise ValueError("bad magic (not a GGUF file)")
     head = bytes(buf[:24])

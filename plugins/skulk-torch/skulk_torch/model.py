@@ -21,7 +21,7 @@ the generic attention kernel for single positions, whose set-up costs more than 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -132,8 +132,15 @@ class StageModel:
             return F.embedding(tokens, self.head)
         return torch.index_select(self.head, 1, tokens).t().contiguous()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, sequences: Sequence[SequenceSlice]) -> torch.Tensor:
-        """Run ``x`` (rows, hidden) through the stage's blocks, extending each sequence's cache."""
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, sequences: Sequence[SequenceSlice], threads: int = 1
+    ) -> torch.Tensor:
+        """Run ``x`` (rows, hidden) through the stage's blocks, extending each sequence's cache.
+
+        ``threads`` is the step's thread count (already set); a single position's attention runs
+        on one, because its products are too small to share and torch would still fork and join
+        a thread team for each (on a busy machine a team waits for a core every time).
+        """
         import torch
         import torch.nn.functional as F
 
@@ -173,8 +180,12 @@ class StageModel:
                 # Heads h = kv * group + g share kv head ``kv``: fold the group into the query rows.
                 queries = q[start:end].transpose(0, 1).reshape(n_kv, group * seq.length, head_dim)
                 if mask is None:  # one position: plain products beat the generic kernel's set-up
+                    if threads > 1 and self.device.type == "cpu":
+                        torch.set_num_threads(1)
                     scores = torch.bmm(queries, k_cache[:, :length].transpose(1, 2)).mul_(scale)
                     out = torch.bmm(torch.softmax(scores, dim=-1), v_cache[:, :length])
+                    if threads > 1 and self.device.type == "cpu":
+                        torch.set_num_threads(threads)
                 else:
                     out = F.scaled_dot_product_attention(queries, k_cache[:, :length], v_cache[:, :length], attn_mask=mask)
                 out = out.view(n_heads, seq.length, head_dim).transpose(0, 1).reshape(seq.length, q_size)
@@ -188,7 +199,7 @@ class StageModel:
             x = torch.addmm(x, F.silu(gate_up[:, :ffn]).mul_(gate_up[:, ffn:]), block.down)
         return x
 
-    def _rotary(self, positions: torch.Tensor):  # noqa: ANN202
+    def _rotary(self, positions: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """A function rotating (rows, heads, head_dim) at ``positions``, pairs (2i, 2i+1) by frequency i."""
         import torch
 
@@ -212,7 +223,6 @@ class StageModel:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and output head for the rows of ``x``: (rows, vocab) float32."""
         import torch
-        import torch.nn.functional as F
 
         assert self.norm is not None and self.head is not None
         h = self._normalize(x) * self.norm

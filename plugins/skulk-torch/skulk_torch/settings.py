@@ -6,7 +6,7 @@ as ``EngineOptions.settings``; when it is None (no config, a test), the defaults
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import attrs
 from attrs import field, frozen
@@ -15,7 +15,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 TOKENIZERS = ("auto", "llamacpp", "tokenizers")
 
 
-def _one_of(choices: tuple[str, ...]):  # noqa: ANN202
+def _one_of(choices: tuple[str, ...]) -> Callable[[object, attrs.Attribute, str], None]:
     def check(_: object, attribute: attrs.Attribute, value: str) -> None:
         if value not in choices:
             raise ValueError(f"torch.{attribute.name} must be one of {', '.join(choices)}; got {value!r}")

@@ -7,7 +7,8 @@ Three routes, chosen by :func:`load_tokenizer`:
   knows, the same special-token handling.
 - A GGUF without llama-cpp-python: a ``tokenizers`` BPE built from the GGUF's tokens and merges,
   for byte-level BPE vocabularies (``tokenizer.ggml.model`` ``gpt2``) with a pre-tokenizer named
-  in :data:`PRE_TOKENIZERS` (SmolLM's, Llama 3's, Qwen2's, GPT-2's). Others need llama.cpp.
+  in :data:`PRE_TOKENIZERS` (SmolLM's, Llama 3's, Qwen2's, GPT-2's, llama.cpp's default). Others
+  need llama.cpp.
 - A safetensors directory: its ``tokenizer.json`` through ``tokenizers``.
 
 Token pieces, control tokens and end-of-generation tokens are computed once at load, so the
@@ -52,15 +53,17 @@ _QWEN2_SPLIT = (
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# tokenizer.ggml.pre -> (split regex, digits one by one, ignore_merges), as llama.cpp's llama-vocab.cpp
-PRE_TOKENIZERS: dict[str, tuple[str, bool, bool]] = {
-    "gpt-2": (_GPT2_SPLIT, False, False),
-    "smollm": (_GPT2_SPLIT, True, False),
-    "starcoder": (_GPT2_SPLIT, True, False),
-    "refact": (_GPT2_SPLIT, True, False),
-    "llama-bpe": (_LLAMA3_SPLIT, False, True),
-    "llama3": (_LLAMA3_SPLIT, False, True),
-    "qwen2": (_QWEN2_SPLIT, False, False),
+# tokenizer.ggml.pre -> (the split expressions llama.cpp's llama-vocab.cpp applies one after the
+# other, ignore_merges: a word already in the vocabulary is one token)
+PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "gpt-2": ((_GPT2_SPLIT,), False),
+    "default": ((r"[\p{P}\$\+<=>\^~\|]+", _GPT2_SPLIT, r"\p{N}+", r"[0-9][0-9][0-9]"), False),
+    "smollm": ((r"\p{N}", _GPT2_SPLIT), False),
+    "starcoder": ((r"\p{N}", _GPT2_SPLIT), False),
+    "refact": ((r"\p{N}", _GPT2_SPLIT), False),
+    "llama-bpe": ((_LLAMA3_SPLIT,), True),
+    "llama3": ((_LLAMA3_SPLIT,), True),
+    "qwen2": ((_QWEN2_SPLIT,), False),
 }
 
 
@@ -249,13 +252,10 @@ def gguf_bpe_tokenizer(gguf_file: GGUFFile) -> HFTokenizer:
     tokens = [str(t) for t in gguf_file.array("tokenizer.ggml.tokens")]
     types = list(gguf_file.array("tokenizer.ggml.token_type")) if gguf_file.get("tokenizer.ggml.token_type") else [_NORMAL] * len(tokens)
     merges = [tuple(str(m).split(" ", 1)) for m in gguf_file.array("tokenizer.ggml.merges")]
-    split, digits, ignore_merges = PRE_TOKENIZERS[pre]
+    splits, ignore_merges = PRE_TOKENIZERS[pre]
     tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, ignore_merges=ignore_merges))
-    steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
-    steps += [
-        pre_tokenizers.Split(Regex(split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ]
+    steps = [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in splits]
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tokenizer.decoder = decoders.ByteLevel()
     special = [i for i, kind in enumerate(types) if kind in (_CONTROL, _USER_DEFINED)]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
 import numpy as np
@@ -314,7 +315,7 @@ def _files(path: Path) -> tuple[ModelCard, ModelFiles]:
     return card, ModelFiles(card.id, fmt, path)
 
 
-def _load(path: Path, shard: ShardRange | None = None, **options: object):  # noqa: ANN202
+def _load(path: Path, shard: ShardRange | None = None, **options: object) -> Any:
     card, files = _files(path)
     values: dict[str, object] = {"context_length": 64, "max_sequences": 3, "threads": 1}
     values.update(options)
@@ -465,3 +466,19 @@ def test_load_refuses_what_it_cannot_run(tmp_path: Path) -> None:
         anyio.run(backend.load, card, files, ShardRange.whole(2), EngineOptions(context_length=8, device="cuda"))
     with pytest.raises(BackendError, match="gemma"):
         anyio.run(backend.load, _card("gemma"), files, ShardRange.whole(30), EngineOptions(context_length=8))
+
+
+@needs_llama_cpp
+def test_tokenizers_route_matches_llama_cpp_on_the_default_pre_tokenizer(tmp_path: Path) -> None:
+    """skulk_core.testing's synthetic GGUF uses llama.cpp's "default" BPE pre-tokenizer."""
+    from skulk_core.testing import write_synthetic_gguf
+
+    from skulk_torch.tokenizer import load_tokenizer
+
+    path = write_synthetic_gguf(tmp_path / "synthetic.gguf", n_layers=1, hidden=32, ffn=64)
+    exact, built = load_tokenizer(path, "llamacpp"), load_tokenizer(path, "tokenizers")
+    assert built.eos_token_ids == exact.eos_token_ids and built.bos_token_id == exact.bos_token_id
+    for text in ["Hello, world!!", "a+b<=c^d|e ~f", "1234567 apples; the 42nd", "<|im_start|>user\nhi<|im_end|>", "  x\n\n"]:
+        for parse_special in (True, False):
+            assert built.encode(text, parse_special=parse_special) == exact.encode(text, parse_special=parse_special), text
+    assert all(built.token_bytes(t) == exact.token_bytes(t) for t in range(exact.vocab_size))
