@@ -68,10 +68,12 @@ class ModelCard:
     eos_token_ids: tuple[int, ...] = field(default=(), converter=tuple)
     quantization: str | None = None
     display_name: str | None = None
+    ffn_size: int | None = None  # the MLP's inner width (feed_forward_length), when known
+    key_length: int | None = None  # per-head size when the model sets it apart from hidden / heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
+        return self.key_length or self.hidden_size // self.n_heads
 
     def kv_bytes_per_token(self, n_layers: int | None = None, bytes_per_value: int = 2) -> int:
         """KV-cache bytes one token costs over ``n_layers`` layers (all of them by default)."""
@@ -140,7 +142,13 @@ class ModelCard:
             eos_token_ids=eos_ids,
             quantization=_file_type_name(file_type),
             display_name=str(value("general.name")) if value("general.name") else None,
+            ffn_size=_opt_int(_first(value(f"{arch}.feed_forward_length"))),
+            key_length=_opt_int(value(f"{arch}.attention.key_length")),
         )
+
+
+def _first(v: object) -> object:
+    return v[0] if isinstance(v, list) and v else v
 
 
 def _opt_int(v: object) -> int | None:
