@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -227,7 +227,9 @@ class InstanceRunner:
             with anyio.CancelScope(shield=True):
                 lost = InstanceLostError(f"{self.model_id} stopped serving on this placement")
                 for live in [*(live for lane in self._lanes for live in lane.values()), *self._waiting]:
-                    live.send.send_nowait(lost)
+                    # A finished request's stream is closed already, a gone client's is broken.
+                    with suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+                        live.send.send_nowait(lost)
                     live.send.close()
                 for lane in self._lanes:
                     lane.clear()

@@ -240,3 +240,31 @@ def test_sampler_logprobs_penalties_and_bias() -> None:
     assert [penalised.sample(logits).token_id for _ in range(3)] == [3, 2, 1]
     with pytest.raises(RequestError, match="temperature"):
         SamplingParams(temperature=3.0)
+
+
+class SlowReleaseEngine(FakeEngine):
+    """A FakeEngine whose release takes a while, so the runner can be stopped in the middle of it."""
+
+    async def release(self, request_id: str) -> None:
+        await anyio.sleep(0.05)
+        await super().release(request_id)
+
+
+@pytest.mark.anyio
+async def test_stopping_the_runner_while_it_releases_finished_requests_is_clean() -> None:
+    engine = SlowReleaseEngine()
+    runner = make_runner(engine)
+    results = []
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await tg.start(runner.run)
+
+            async def one() -> None:
+                results.append(await collect(runner, greedy("abc", max_tokens=3)))
+
+            async with anyio.create_task_group() as clients:
+                for _ in range(2):  # both finish in the same step
+                    clients.start_soon(one)
+            # The runner is releasing the first of them; the second, finished, is still in its lane.
+            tg.cancel_scope.cancel()
+    assert [r[2] for r in results] == ["length", "length"]
