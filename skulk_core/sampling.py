@@ -70,16 +70,22 @@ class Sampler:
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         self._rng = np.random.Generator(np.random.PCG64(seed))
         self._counts: Counter[int] = Counter()
+        self._bias: tuple[np.ndarray, np.ndarray] | None = None  # logit_bias as (ids, float32 values)
 
     def sample(self, logits: np.ndarray, *, want_logprobs: bool = False) -> SampledToken:
         p = self.params
         logits = np.asarray(logits, dtype=np.float32)
-        if p.logit_bias or (self._counts and (p.presence_penalty or p.frequency_penalty)):
+        penalised = bool(self._counts) and bool(p.presence_penalty or p.frequency_penalty)
+        if p.greedy and not penalised and not want_logprobs and not p.top_logprobs:
+            # The usual case: no copy of the whole vocabulary to change a few logits.
+            token = _argmax_biased(logits, self._bias_for(logits.shape[0]))
+            self._counts[token] += 1
+            return SampledToken(token, 0.0)
+        if p.logit_bias or penalised:
             logits = logits.copy()
-            for token, bias in p.logit_bias.items():
-                if 0 <= token < logits.shape[0]:
-                    logits[token] += bias
-            if p.presence_penalty or p.frequency_penalty:
+            bias_ids, bias = self._bias_for(logits.shape[0])
+            logits[bias_ids] += bias
+            if penalised:
                 ids = np.fromiter(self._counts.keys(), dtype=np.int64)
                 counts = np.fromiter(self._counts.values(), dtype=np.float32)
                 logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
@@ -99,11 +105,19 @@ class Sampler:
             top = tuple(TokenLogprob(int(i), float(logprobs[i])) for i in idx)
         return SampledToken(token, float(logprobs[token]), top)
 
+    def _bias_for(self, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+        """The request's logit bias as (token ids within the vocabulary, float32 biases), made once."""
+        if self._bias is None:
+            valid = sorted(t for t in self.params.logit_bias if 0 <= t < vocab)
+            self._bias = (np.array(valid, dtype=np.int64), np.array([self.params.logit_bias[t] for t in valid], dtype=np.float32))
+        return self._bias
+
     def _draw(self, logits: np.ndarray) -> int:
         p = self.params
-        scaled = logits / max(p.temperature, 1e-5)
-        vocab = scaled.shape[0]
-        probs = np.exp(scaled - np.max(scaled))
+        probs = logits / max(p.temperature, 1e-5)  # the one full-size temporary: worked in place
+        vocab = probs.shape[0]
+        probs -= np.max(probs)
+        np.exp(probs, out=probs)
         probs /= probs.sum()
         # Candidates in the order HF's warpers apply: top-k, then min-p, then top-p over the
         # renormalised rest. Sorting all 49k+ tokens costs ~6 ms, so top-p alone looks at the
@@ -124,11 +138,71 @@ class Sampler:
             candidates = pool[probs[pool] >= p.min_p * probs[pool].max()]
         if candidates is None:
             if p.top_p >= 1.0:
-                return int(self._rng.choice(vocab, p=probs))
+                return _draw_from(probs, self._rng)
             candidates = np.arange(vocab)
         candidates = candidates[np.lexsort((candidates, -probs[candidates]))]
         kept = probs[candidates] / probs[candidates].sum()
         if p.top_p < 1.0:
             cut = int(np.searchsorted(np.cumsum(kept), p.top_p, side="left")) + 1
             kept = kept[:cut] / kept[:cut].sum()
-        return int(candidates[self._rng.choice(len(kept), p=kept)])
+        return int(candidates[_draw_from(kept, self._rng)])
+
+
+def _argmax_biased(logits: np.ndarray, bias: tuple[np.ndarray, np.ndarray]) -> int:
+    """``np.argmax(logits + bias)`` (the first of equal maxima) without copying ``logits``."""
+    best = int(np.argmax(logits))
+    ids, offsets = bias
+    if not ids.size:
+        return best
+    values = logits[ids] + offsets  # float32, as adding the bias to the whole vector would be
+    if np.isnan(logits[best]) or np.isnan(values).any():
+        changed = logits.copy()
+        changed[ids] = values
+        return int(np.argmax(changed))
+    if (ids == best).any():  # rare: the model's favourite was biased; find the best unbiased one
+        unbiased = logits.copy()
+        unbiased[ids] = -np.inf
+        best = int(np.argmax(unbiased))
+        if (ids == best).any():  # every token is biased (or the rest are -inf)
+            return int(ids[np.argmax(values)])
+    top = int(np.argmax(values))  # ids are sorted: the first of equal maxima is the lowest id
+    if values[top] > logits[best] or (values[top] == logits[best] and ids[top] < best):
+        return int(ids[top])
+    return best
+
+
+DRAW_BLOCK = 512
+
+
+def _draw_from(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """One index drawn with probability proportional to ``probs`` (non-negative, not all zero).
+
+    The inverse CDF, found in two levels (sums of blocks, then within one block) so that a draw over
+    a 49k vocabulary does not build a 49k cumulative sum: ``Generator.choice`` also validates the
+    whole vector in float64 on every call, which costs about a millisecond per token.
+    """
+    size = probs.shape[0]
+    if size <= DRAW_BLOCK:
+        cdf = np.cumsum(probs, dtype=np.float64)
+        index = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+        return _last_possible(probs, min(index, size - 1))
+    starts = np.arange(0, size, DRAW_BLOCK)
+    block_cdf = np.cumsum(np.add.reduceat(probs, starts, dtype=np.float64))
+    target = rng.random() * block_cdf[-1]
+    block = min(int(np.searchsorted(block_cdf, target, side="right")), len(starts) - 1)
+    start = block * DRAW_BLOCK
+    inner = np.cumsum(probs[start : start + DRAW_BLOCK], dtype=np.float64)
+    inner += block_cdf[block - 1] if block else 0.0
+    index = start + min(int(np.searchsorted(inner, target, side="right")), len(inner) - 1)
+    return _last_possible(probs, index)
+
+
+def _last_possible(probs: np.ndarray, index: int) -> int:
+    """``index``, or when rounding landed on a token of probability zero, the nearest possible one
+    before it (or after it)."""
+    if probs[index] > 0:
+        return index
+    before = np.flatnonzero(probs[:index] > 0)
+    if before.size:
+        return int(before[-1])
+    return int(np.flatnonzero(probs > 0)[0])

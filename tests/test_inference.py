@@ -268,3 +268,33 @@ async def test_stopping_the_runner_while_it_releases_finished_requests_is_clean(
             # The runner is releasing the first of them; the second, finished, is still in its lane.
             tg.cancel_scope.cancel()
     assert [r[2] for r in results] == ["length", "length"]
+
+
+def test_greedy_with_logit_bias_is_the_argmax_of_the_biased_logits() -> None:
+    rng = np.random.default_rng(3)
+    for trial in range(300):
+        logits = rng.normal(size=300).astype(np.float32) * 4
+        if trial % 3 == 0:
+            logits = np.round(logits)  # ties
+        bias = {int(t): float(b) for t, b in zip(rng.integers(0, 310, size=4), rng.choice([-100.0, -0.5, 0.5, 2.0, 100.0], size=4))}
+        bias[int(np.argmax(logits))] = float(rng.choice([-100.0, -1.0, 0.0, 1.0]))  # the favourite itself biased
+        dense = logits.copy()
+        for token, value in bias.items():
+            if token < dense.shape[0]:
+                dense[token] += value
+        assert Sampler(SamplingParams(temperature=0.0, logit_bias=bias)).sample(logits).token_id == int(np.argmax(dense))
+
+
+def test_draws_follow_the_distribution_and_never_pick_an_impossible_token() -> None:
+    rng = np.random.default_rng(4)
+    probs = rng.dirichlet(np.full(5000, 0.1)).astype(np.float32)
+    probs[rng.integers(0, 5000, size=1000)] = 0.0
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=5))
+    logits = np.log(np.where(probs > 0, probs, 1e-38)).astype(np.float32)
+    logits[probs == 0] = -np.inf
+    drawn = np.array([sampler.sample(logits).token_id for _ in range(20000)])
+    assert (probs[drawn] > 0).all()
+    favourites = np.argsort(-probs)[:3]
+    expected = probs[favourites] / probs.sum()
+    observed = np.array([(drawn == t).mean() for t in favourites])
+    assert np.allclose(observed, expected, atol=0.01)
