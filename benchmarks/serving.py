@@ -863,7 +863,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (default 128)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients for the aggregate (default 8)")
     parser.add_argument("--runs", type=int, default=5, help="single-stream rounds (default 5)")
-    parser.add_argument("--concurrent-runs", type=int, default=2, help="rounds with --clients at once (default 2)")
+    parser.add_argument("--concurrent-runs", type=int, default=3, help="rounds with --clients at once (default 3)")
     parser.add_argument("--ttft-probes", type=int, default=2, help="extra 2-token requests per round for first-token times (default 2)")
     parser.add_argument("--context", type=int, default=4096, help="context positions per request, both servers (default 4096)")
     parser.add_argument("--same-prompt", action="store_true", help="send the identical prompt every time (lets the peer reuse its cached prefix)")

@@ -132,6 +132,7 @@ class Cluster:
         self._watchers: list[Any] = []  # called with no arguments after the state changes
         self._leave_watchers: list[Any] = []  # called with a node id when a peer is gone
         self._replies: dict[str, tuple[anyio.Event, list[Any]]] = {}
+        self._synced_with: tuple[str, int] | None = None  # (master, round) whose log our state follows
         self._view_since = time.monotonic()  # when we adopted the current election view
         self._master_seen_alive = False  # whether the current master has been alive for us since
 
@@ -354,6 +355,7 @@ class Cluster:
 
     def _become_master_alone(self) -> None:
         self.election.view = View(1, self.node_id, self.config.force_master)
+        self._synced_with = (self.node_id, 1)
         self._append(MasterChanged(self.node_id, 1))
         self._append(NodeJoined(self._record()))
         self.node.emit("master.elected", master_id=self.node_id, round=1)
@@ -510,12 +512,18 @@ class Cluster:
                     self._dial_at[address] = 0.0
             if msg.master_id is not None:
                 await self._observe(View(msg.round, msg.master_id, msg.master_force))
-            if peer.node_id == self.master_id and msg.index > self.state.index:
+            if peer.node_id == self.master_id and (
+                self._synced_with != (peer.node_id, self.election.round) or msg.index > self.state.index
+            ):
+                # Behind, or still holding another master's log (whose indices mean nothing here).
                 await self._request_sync(peer)
         elif isinstance(msg, Elect):
             await self._observe(View(msg.round, msg.candidate_id, msg.candidate_force))
         elif isinstance(msg, LogAppend):
             if peer.node_id != self.master_id:
+                return
+            if self._synced_with != (peer.node_id, self.election.round):
+                await self._request_sync(peer, force=True)
                 return
             before = self.state.index
             for entry in msg.entries:
@@ -532,6 +540,7 @@ class Cluster:
         elif isinstance(msg, Snapshot):
             if peer.node_id == self.master_id:  # the master's state is the truth
                 self.state = msg.state
+                self._synced_with = (peer.node_id, self.election.round)
                 self._state_changed()
         elif isinstance(msg, CommandReply):
             waiter = self._replies.get(msg.command_id)
@@ -560,6 +569,7 @@ class Cluster:
         log.info("master is now %s (round %d)", view.master_id, view.round)
         self.node.emit("master.elected", master_id=view.master_id, round=view.round)
         if view.master_id == self.node_id:
+            self._synced_with = (self.node_id, view.round)
             self._master_duties()
         else:
             master = self.peers.get(view.master_id or "")
