@@ -13,7 +13,7 @@ banned with ``logit_bias`` so that both always generate exactly ``max_tokens`` t
 are measured in interleaved rounds (raw, skulk, peer; then the next round), so that the noise of a
 shared machine falls on all of them alike.
 
-    .venv/bin/python benchmarks/serving.py [--threads 2] [--max-tokens 128] [--clients 8] [--runs 3] [--json]
+    .venv/bin/python benchmarks/serving.py [--threads 2] [--max-tokens 128] [--clients 8] [--runs 5] [--json]
 
 The peer needs the server extras of llama-cpp-python (not its reinstall); the script says how to
 install them when they are missing. See benchmarks/README.md for what each number means.
@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -58,7 +59,12 @@ PEER_EXTRAS = {
     "pydantic_settings": "pydantic-settings",
     "yaml": "PyYAML",
 }
-NEEDED = {"llama_cpp": "llama-cpp-python", "httpx": "httpx", "skulk_llamacpp": "./plugins/skulk-llamacpp", "skulk_openai": "./plugins/skulk-openai"}
+NEEDED = {
+    "llama_cpp": "llama-cpp-python",
+    "httpx": "httpx",
+    "skulk_llamacpp": "./plugins/skulk-llamacpp",
+    "skulk_openai": "./plugins/skulk-openai",
+}
 TARGETS = {  # the issue's targets (issue 3, "Proof")
     "decode_vs_peer": 1.2,
     "decode_vs_raw": 0.9,
@@ -120,9 +126,6 @@ class Samples:
         values = getattr(self, metric)
         clean = [v for v, noisy in zip(values, self.noisy.get(metric, [])) if not noisy]
         return median(clean or values)
-
-    def clean_count(self, metric: str) -> int:
-        return self.noisy.get(metric, []).count(False)
 
 
 def median(values: Sequence[float]) -> float | None:
@@ -236,6 +239,17 @@ async def concurrent_streams(url: str, bodies: Sequence[dict[str, Any]]) -> Conc
 # -- the servers --------------------------------------------------------------------------------
 
 
+def _die_with_parent() -> None:
+    """In a server's process, before it execs: have Linux send it SIGTERM when the benchmark dies,
+    even by SIGKILL, so that no server outlives a killed run (prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the try/finally in run() still stops both servers
+
+
 def find_free_port() -> int:
     from skulk_core.testing import find_free_port as free
 
@@ -292,7 +306,22 @@ class SkulkServer:
         self.log_path = self.process.log_path
 
     def start(self) -> None:
-        self.process.start()
+        # SkulkProcess.start's command, with the child tied to this process's life.
+        process = self.process
+        process.data_dir.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "skulk_core", "run", "--data-dir", str(process.data_dir),
+            "--api-host", "127.0.0.1", "--api-port", str(process.api_port), *process.args,
+        ]  # fmt: skip
+        with process.log_path.open("ab") as log:
+            process.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=process.env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
 
     def wait_ready(self, timeout: float) -> None:
         def ready() -> bool:
@@ -336,7 +365,9 @@ class PeerServer:
 
     def start(self) -> None:
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
+            )
 
     def wait_ready(self, timeout: float) -> None:
         wait_until(lambda: bool(http_get(self.url + "/v1/models")["data"]), timeout, "llama_cpp.server", self._dead)
@@ -594,7 +625,9 @@ class Measurer:
     noisy if it was.
     """
 
-    def __init__(self, pids: Sequence[int | None], *, patience: float, retries: int, threshold: float, budget: float) -> None:
+    def __init__(
+        self, pids: Sequence[int | None], *, patience: float, retries: int, threshold: float, budget: float
+    ) -> None:
         self.pids = pids
         self.patience = patience
         self.retries = retries
@@ -651,6 +684,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     servers = [skulk, peer]
     raw: RawEngine | None = None
     measurer: Measurer | None = None
+    finished = False
     try:
         progress(quiet, f"starting skulk ({skulk.url}) and llama_cpp.server ({peer.url}); logs in {workdir}")
         for server in servers:
@@ -682,7 +716,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         for round_index in range(args.runs):
             progress(quiet, f"single stream, round {round_index + 1}/{args.runs}")
-            samples["raw"].add("decode", measurer(lambda: raw.single(prompt, args.max_tokens, ban)), measurer.last_noisy)
+            rate = measurer(lambda: raw.single(prompt, args.max_tokens, ban))
+            samples["raw"].add("decode", rate, measurer.last_noisy)
             for server in _rotated(servers, round_index):
                 result = measurer(lambda: asyncio.run(single_stream(server.url, prompts.next())))
                 _check_complete(result, args.max_tokens, samples[server.name])
@@ -707,12 +742,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 samples[server.name].add("worst_ttft", result.worst_ttft, measurer.last_noisy)
         for server in servers:
             before, after = cpu_before[server.name], cpu_seconds(server.pid())
-            info[f"{server.name}_cpu_s"] = round(after - before, 2) if before is not None and after is not None else None
+            used = round(after - before, 2) if before is not None and after is not None else None
+            info[f"{server.name}_cpu_s"] = used
+        finished = True
+    except Exception:
+        print(f"the benchmark failed; both servers' logs are in {workdir}", file=sys.stderr)
+        raise
     finally:
         for server in servers:
             server.stop()
         if raw is not None:
             raw.close()
+        if not args.keep_logs and (finished or not _failed()):
+            shutil.rmtree(workdir, ignore_errors=True)
     report = _report(args, samples, info)
     report["machine"] = {
         "python": platform.python_version(),
@@ -724,12 +766,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "measurements_repeated": measurer.repeated if measurer else None,
         "measurements_noisy": measurer.noisy if measurer else None,
         "foreign_load_max": round(max(measurer.foreign, default=0.0), 3) if measurer else None,
-        "logs": str(workdir),
+        "logs": str(workdir) if args.keep_logs else None,
     }
-    if not args.keep_logs:
-        shutil.rmtree(workdir, ignore_errors=True)
-        report["machine"]["logs"] = None
     return report
+
+
+def _failed() -> bool:
+    """Whether the exception unwinding now is an error (its logs are kept), not SIGTERM or Ctrl-C."""
+    error = sys.exc_info()[1]
+    return error is not None and not isinstance(error, (KeyboardInterrupt, SystemExit))
 
 
 def _rotated(servers: list[Any], index: int) -> list[Any]:
@@ -747,7 +792,8 @@ def _check_complete(result: StreamResult, max_tokens: int, into: Samples) -> Non
 def _prompt_tokens(url: str, body: dict[str, Any]) -> int | None:
     request = urllib.request.Request(
         url + "/v1/chat/completions",
-        data=json.dumps({**{k: v for k, v in body.items() if k != "stream_options"}, "stream": False, "max_tokens": 1}).encode(),
+        data=json.dumps({**{k: v for k, v in body.items() if k != "stream_options"}, "stream": False, "max_tokens": 1})
+        .encode(),
         headers={"Content-Type": "application/json"},
     )
     try:
@@ -768,12 +814,19 @@ def _report(args: argparse.Namespace, samples: dict[str, Samples], info: dict[st
         ("single-stream decode vs peer", _ratio(skulk["decode"], peer["decode"]), ">=", TARGETS["decode_vs_peer"]),
         ("single-stream decode vs raw", _ratio(skulk["decode"], raw["decode"]), ">=", TARGETS["decode_vs_raw"]),
         ("time to first token vs peer", _ratio(skulk["ttft"], peer["ttft"]), "<=", TARGETS["ttft_vs_peer"]),
-        (f"aggregate, {args.clients} clients, vs peer", _ratio(skulk["aggregate"], peer["aggregate"]), ">=", TARGETS["aggregate_vs_peer"]),
+        (
+            f"aggregate, {args.clients} clients, vs peer",
+            _ratio(skulk["aggregate"], peer["aggregate"]),
+            ">=",
+            TARGETS["aggregate_vs_peer"],
+        ),
         (f"worst first token, {args.clients} clients (s)", skulk["worst_ttft"], "<", TARGETS["worst_ttft_s"]),
     ]
     targets = []
     for name, value, op, goal in checks:
-        met = None if value is None else (value >= goal if op == ">=" else value <= goal if op == "<=" else value < goal)
+        met = None
+        if value is not None:
+            met = value >= goal if op == ">=" else value <= goal if op == "<=" else value < goal
         targets.append({"name": name, "value": value, "target": f"{op} {goal}", "met": met})
     return {
         "settings": {
@@ -836,7 +889,8 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"  {target['name']:<40} {value:>8}   target {target['target']:<8} {mark}")
     info = report["info"]
     print(
-        f"\nprompt tokens: skulk {info.get('skulk_prompt_tokens')}, peer {info.get('peer_prompt_tokens')}, raw {info.get('raw_prompt_tokens')}; "
+        f"\nprompt tokens: skulk {info.get('skulk_prompt_tokens')}, peer {info.get('peer_prompt_tokens')}, "
+        f"raw {info.get('raw_prompt_tokens')}; "
         f"server CPU seconds while measured: skulk {info.get('skulk_cpu_s')}, peer {info.get('peer_cpu_s')}"
     )
     m = report["machine"]
@@ -846,7 +900,8 @@ def print_table(report: dict[str, Any]) -> None:
     )
     print(
         f"measurements repeated because other processes took CPU meanwhile: {m['measurements_repeated']}; "
-        f"kept although noisy: {m['measurements_noisy']} (the most others took: {m['foreign_load_max']:.0%} of the machine)"
+        f"kept although noisy: {m['measurements_noisy']} "
+        f"(the most others took: {m['foreign_load_max']:.0%} of the machine)"
     )
     for name in ("skulk", "peer"):
         for note in sorted(set(samples[name]["notes"])):
@@ -859,33 +914,30 @@ def _fmt_ratio(value: float | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="compute threads for all three (default 2)")
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per request (default 128)")
-    parser.add_argument("--clients", type=int, default=8, help="concurrent clients for the aggregate (default 8)")
-    parser.add_argument("--runs", type=int, default=5, help="single-stream rounds (default 5)")
-    parser.add_argument("--concurrent-runs", type=int, default=3, help="rounds with --clients at once (default 3)")
-    parser.add_argument("--ttft-probes", type=int, default=2, help="extra 2-token requests per round for first-token times (default 2)")
-    parser.add_argument("--context", type=int, default=4096, help="context positions per request, both servers (default 4096)")
-    parser.add_argument("--same-prompt", action="store_true", help="send the identical prompt every time (lets the peer reuse its cached prefix)")
-    parser.add_argument(
-        "--quiet-wait", type=float, default=10.0, help="seconds to wait before each measurement for the machine to go idle (default 10; 0: never)"
-    )
-    parser.add_argument(
-        "--retries", type=int, default=2, help="times a measurement is repeated when other processes interfered (default 2)"
-    )
-    parser.add_argument(
-        "--foreign-threshold", type=float, default=0.1,
-        help="share of the machine's CPU other processes may take during a measurement before it is repeated (default 0.1)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--budget", type=float, default=200.0, help="seconds after which the run stops waiting for quiet and repeating noisy measurements (default 200)"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
-    parser.add_argument("--keep-logs", action="store_true", help="keep the servers' logs (their path is printed)")
+    options: list[tuple[str, dict[str, Any]]] = [
+        ("--threads", dict(type=int, default=2, help="compute threads for all three (default 2)")),
+        ("--max-tokens", dict(type=int, default=128, help="tokens generated per request (default 128)")),
+        ("--clients", dict(type=int, default=8, help="concurrent clients for the aggregate (default 8)")),
+        ("--runs", dict(type=int, default=5, help="single-stream rounds (default 5)")),
+        ("--concurrent-runs", dict(type=int, default=3, help="rounds with --clients at once (default 3)")),
+        ("--ttft-probes", dict(type=int, default=2, help="2-token requests per round, for first tokens (default 2)")),
+        ("--context", dict(type=int, default=4096, help="positions per request, both servers (default 4096)")),
+        ("--same-prompt", dict(action="store_true", help="the same prompt every time (default: numbered)")),
+        ("--quiet-wait", dict(type=float, default=5.0, help="seconds to wait for an idle machine (default 5)")),
+        ("--retries", dict(type=int, default=2, help="repeats of a measurement others interfered with (default 2)")),
+        ("--foreign-threshold", dict(type=float, default=0.1, help="share of the CPU others may take (default 0.1)")),
+        ("--budget", dict(type=float, default=200.0, help="seconds, then no more waits or repeats (default 200)")),
+        ("--json", dict(action="store_true", help="print one JSON document instead of the table")),
+        ("--keep-logs", dict(action="store_true", help="keep the servers' logs (their path is printed)")),
+    ]
+    for flag, spec in options:
+        parser.add_argument(flag, **spec)
     args = parser.parse_args(argv)
     if args.max_tokens < 2 or args.clients < 1 or args.runs < 1 or args.threads < 1:
         parser.error("--max-tokens must be at least 2; --clients, --runs and --threads at least 1")
     check_environment()
+    # SIGTERM (a timeout, a CI runner) unwinds like Ctrl-C, so run()'s finally stops both servers.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     report = run(args)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
