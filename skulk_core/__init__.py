@@ -61,6 +61,7 @@ from skulk_core.storage import LocalModel, ModelResolver, ReadyFiles
 from skulk_core.sampling import SamplingParams, TokenLogprob
 from skulk_core.telemetry import ClusterEvent, MetricSample, TraceSpan
 from skulk_core.tensor import Tensor
+from skulk_core.threads import EngineThread
 from skulk_core.transport import ByteStream, Connection, PeerAnnouncement, Transport, TransportContext
 
 __version__ = "0.1.0"
@@ -69,7 +70,7 @@ __all__ = [
     "Accelerator", "AuthenticationError", "Backend", "BackendCapabilities", "BackendError",
     "BackendRegistry", "ByteStream", "ClusterEvent", "CommandRegistry", "Config", "ConfigError",
     "ConfigLoader", "ConfigSectionRegistry", "Connection", "DEFAULT_MODEL_ID", "DuplicateNameError",
-    "EmbeddingEngine", "Engine", "GeneratedToken", "GenerationChunk", "GenerationRequest",
+    "EmbeddingEngine", "Engine", "EngineThread", "GeneratedToken", "GenerationChunk", "GenerationRequest",
     "InstanceLostError", "ModelNotFoundError", "ModelNotReadyError", "SamplingParams", "TokenLogprob", "EngineOptions", "HttpRegistry", "HttpRequest", "HttpResponse", "LocalModel", "MetricSample",
     "ModelCard", "ModelError", "ModelFiles", "ModelResolver", "ModelSource", "NodeIdentity",
     "NodeResources", "NodeView", "PeerAnnouncement", "Placement", "PlacementError",

@@ -103,7 +103,8 @@ class Tokenizer(Protocol):
 @runtime_checkable
 class Engine(Protocol):
     """A loaded shard. Methods are called from one task at a time; blocking compute inside them
-    must run off the event loop (``anyio.to_thread.run_sync``)."""
+    must run off the event loop, best on the engine's own :class:`skulk_core.EngineThread`, which
+    starts a step before the event loop turns to other work."""
 
     shard: ShardRange
     context_length: int  # positions per sequence

@@ -75,7 +75,7 @@ class LocalStage:
     status: str = "loading"
     engine: Engine | None = None
     scope: anyio.CancelScope = field(factory=anyio.CancelScope)
-    lock: anyio.Lock = field(factory=anyio.Lock)  # one step at a time through the engine
+    lock: anyio.Lock = field(factory=lambda: anyio.Lock(fast_acquire=True))  # one step at a time through the engine
     inbox: Any = None  # memory stream of remote work, in arrival order
 
     @property

@@ -33,7 +33,9 @@ class LocalChain:
         if not engines:
             raise ValueError("a chain needs at least one engine")
         self.engines = list(engines)
-        self.lock = anyio.Lock()  # one step at a time per chain; embeddings take it too
+        # One step at a time per chain; embeddings take it too. fast_acquire: an uncontended step starts
+        # without first yielding to every other ready task (see skulk_core.threads).
+        self.lock = anyio.Lock(fast_acquire=True)
 
     @property
     def head(self) -> Engine:

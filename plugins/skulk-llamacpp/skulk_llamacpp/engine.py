@@ -26,6 +26,7 @@ import numpy as np
 from skulk_core import (
     BackendError,
     EngineOptions,
+    EngineThread,
     ModelCard,
     ModelFiles,
     RequestError,
@@ -142,6 +143,7 @@ class LlamaCppEngine:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = _Batch(settings.n_batch)
         self._lock = threading.Lock()  # one native call on the generation context at a time
+        self._thread = EngineThread(f"llamacpp {card.id}")  # steps and releases, in order
         self._slots: dict[str, int] = {}  # request id -> sequence id
         self._free_slots = list(range(self.max_sequences))
         heapify(self._free_slots)  # the lowest free id first, so a run is repeatable
@@ -157,7 +159,8 @@ class LlamaCppEngine:
         """Run every chunk in one ``llama_decode`` (several if the step exceeds ``n_batch`` tokens)."""
         if not batch:
             return []
-        logits = await anyio.to_thread.run_sync(self._step, list(batch))
+        self._check_open()
+        logits = await self._thread.run(self._step, list(batch))
         return [StageOutput(chunk.request_id, logits=row) for chunk, row in zip(batch, logits)]
 
     def _step(self, batch: list[SequenceChunk]) -> list[np.ndarray | None]:
@@ -272,7 +275,7 @@ class LlamaCppEngine:
     async def release(self, request_id: str) -> None:
         """Drop ``request_id``'s KV cache and free its slot; unknown ids are ignored."""
         if request_id in self._slots:
-            await anyio.to_thread.run_sync(self._release_locked, request_id)
+            await self._thread.run(self._release_locked, request_id)
 
     def _release_locked(self, request_id: str) -> None:
         with self._lock:
@@ -354,8 +357,13 @@ class LlamaCppEngine:
 
     async def close(self) -> None:
         """Free both contexts, the batches and the model. Safe to call twice."""
+        if self._thread.closed:
+            return
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._close)
+            try:
+                await self._thread.run(self._close)
+            finally:
+                self._thread.close()
 
     def _close(self) -> None:
         with self._lock, self._embed_lock:

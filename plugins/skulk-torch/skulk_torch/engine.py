@@ -23,6 +23,7 @@ from attrs import define
 from skulk_core import (
     BackendError,
     EngineOptions,
+    EngineThread,
     ModelCard,
     RequestError,
     SequenceChunk,
@@ -77,6 +78,7 @@ class TorchEngine:
         self.dtype = model.dtype
         self._sequences: dict[str, _Sequence] = {}
         self._lock = threading.Lock()
+        self._thread = EngineThread(f"torch {card.id} [{shard.start}, {shard.end})")  # steps and releases, in order
 
     # -- stepping ----------------------------------------------------------------------------
 
@@ -84,7 +86,8 @@ class TorchEngine:
         """Run every chunk through this stage's layers in one forward pass."""
         if not batch:
             return []
-        return await anyio.to_thread.run_sync(self._step, list(batch))
+        self._open_model()  # a closed engine says so
+        return await self._thread.run(self._step, list(batch))
 
     def _step(self, batch: list[SequenceChunk]) -> list[StageOutput]:
         import torch
@@ -226,8 +229,9 @@ class TorchEngine:
     async def release(self, request_id: str) -> None:
         """Drop ``request_id``'s KV cache; unknown ids are ignored."""
         if request_id in self._sequences:
-            # In a thread: a step may hold the lock, and the event loop must not wait on it.
-            await anyio.to_thread.run_sync(self._release, request_id)
+            # On the engine's thread, after the steps queued before it (the event loop never waits
+            # on the lock a step holds).
+            await self._thread.run(self._release, request_id)
 
     def _release(self, request_id: str) -> None:
         with self._lock:
@@ -252,8 +256,13 @@ class TorchEngine:
 
     async def close(self) -> None:
         """Free the weights, caches and tokenizer. Safe to call twice."""
+        if self._thread.closed:
+            return
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._close)
+            try:
+                await self._thread.run(self._close)
+            finally:
+                self._thread.close()
 
     def _close(self) -> None:
         with self._lock:

@@ -1,0 +1,115 @@
+"""EngineThread: calls run in order on one thread, start before the caller yields, and a cancelled
+caller still waits for the call it started."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anyio
+import pytest
+
+from skulk_core import EngineThread
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_calls_run_in_order_on_one_named_thread():
+    worker = EngineThread("engine test")
+    seen: list[tuple[int, str]] = []
+
+    def call(i: int) -> int:
+        seen.append((i, threading.current_thread().name))
+        return i * i
+
+    async with anyio.create_task_group() as tg:
+        results: dict[int, int] = {}
+
+        async def one(i: int) -> None:
+            results[i] = await worker.run(call, i)
+
+        for i in range(20):
+            tg.start_soon(one, i)
+    assert results == {i: i * i for i in range(20)}
+    assert {name for _, name in seen} == {"engine test"}
+    worker.close()
+
+
+@pytest.mark.anyio
+async def test_the_call_starts_before_the_caller_yields():
+    """The hand-off that makes a step overlap the event loop's work: by the time any other task
+    runs, the call is already running on the thread."""
+    worker = EngineThread("engine test")
+    started = threading.Event()
+    release = threading.Event()
+
+    def call() -> str:
+        started.set()
+        release.wait(5)
+        return "done"
+
+    observed: list[bool] = []
+
+    async def other_task() -> None:
+        # Runs at the caller's first yield and blocks the event loop: the call can only start if
+        # it was handed to the thread before that yield (anyio.to_thread.run_sync yields first).
+        observed.append(started.wait(2))
+        release.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(other_task)
+        assert await worker.run(call) == "done"
+    assert observed == [True]
+    worker.close()
+
+
+@pytest.mark.anyio
+async def test_an_exception_reaches_the_caller_and_the_thread_goes_on():
+    worker = EngineThread("engine test")
+
+    def fail() -> None:
+        raise ValueError("bad step")
+
+    with pytest.raises(ValueError, match="bad step"):
+        await worker.run(fail)
+    assert await worker.run(lambda: 42) == 42
+    worker.close()
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_caller_waits_for_its_call_to_finish():
+    worker = EngineThread("engine test")
+    finished: list[float] = []
+
+    def slow() -> None:
+        time.sleep(0.3)
+        finished.append(time.monotonic())
+
+    with anyio.move_on_after(0.05):
+        await worker.run(slow)
+    # the cancel scope took effect only once the call was over: engine state is never half-changed
+    assert finished and time.monotonic() >= finished[0]
+    worker.close()
+
+
+@pytest.mark.anyio
+async def test_close_lets_queued_calls_finish_and_refuses_new_ones():
+    worker = EngineThread("engine test")
+    assert await worker.run(lambda: 1) == 1
+    worker.close()
+    assert worker.closed
+    with pytest.raises(RuntimeError, match="engine test is closed"):
+        await worker.run(lambda: 2)
+    worker.close()  # twice is fine
+
+
+def test_falls_back_to_anyio_threads_off_asyncio():
+    pytest.importorskip("trio")
+
+    async def main() -> str:
+        return await EngineThread("engine test").run(lambda: threading.current_thread().name)
+
+    assert anyio.run(main, backend="trio") != "engine test"  # anyio's worker thread ran it
