@@ -80,6 +80,18 @@ class ModelCard:
         layers = self.n_layers if n_layers is None else n_layers
         return 2 * layers * self.n_kv_heads * self.head_dim * bytes_per_value
 
+    def block_flops(self) -> int:
+        """Multiply-accumulates one token costs in one transformer block (its projections and MLP;
+        attention over the context is left out), from the model's shape."""
+        q_size = self.n_heads * self.head_dim
+        kv_size = self.n_kv_heads * self.head_dim
+        ffn = self.ffn_size or 4 * self.hidden_size  # the usual width when the file does not say
+        return self.hidden_size * (2 * q_size + 2 * kv_size) + 3 * self.hidden_size * ffn
+
+    def head_flops(self) -> int:
+        """Multiply-accumulates of the output head (hidden state to vocabulary logits) per token."""
+        return self.vocab_size * self.hidden_size
+
     def layer_bytes(self) -> int:
         """Rough bytes of one transformer block, for sizing a layer range."""
         return self.bytes_on_disk // max(self.n_layers, 1)

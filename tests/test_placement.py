@@ -19,14 +19,17 @@ from skulk_core import (
     ShardRange,
     StageAssignment,
 )
-from skulk_core.builtin.placement import SAFETY_MARGIN, split_layers
+from skulk_core.builtin.placement import SAFETY_MARGIN, head_blocks, split_layers, split_work
+from skulk_core.model import default_model_path
 from skulk_core.plugins import PluginSelection, make_plugin_manager
 
 GIB = 1024**3
 FAKES = Path(__file__).parent / "fakes"
 
 
-def make_card(n_layers: int = 30, gib_per_layer: int = 1) -> ModelCard:
+def make_card(n_layers: int = 30, gib_per_layer: int = 1, vocab_size: int = 1024) -> ModelCard:
+    """A card whose output head is negligible work (a 1024-token vocabulary) unless asked otherwise,
+    so splits follow memory alone."""
     return ModelCard(
         id="fake-model",
         architecture="llama",
@@ -35,7 +38,7 @@ def make_card(n_layers: int = 30, gib_per_layer: int = 1) -> ModelCard:
         n_heads=9,
         n_kv_heads=3,
         context_length=2048,
-        vocab_size=49152,
+        vocab_size=vocab_size,
         bytes_on_disk=n_layers * gib_per_layer * GIB,
         source=ModelSource(kind="local", path="/nonexistent/fake-model.gguf"),
         backends=("fake",),
@@ -106,6 +109,56 @@ def test_split_layers_examples():
     assert split_layers(3, [100, 1, 1]) == [(0, 1), (1, 2), (2, 3)]
     with pytest.raises(ValueError, match="cannot split 2 layers over 3 nodes"):
         split_layers(2, [1, 1, 1])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_split_work_properties(seed: int):
+    rng = random.Random(seed)
+    n_layers = rng.randint(1, 80)
+    weights = [rng.randint(0, 64 * GIB) for _ in range(rng.randint(1, n_layers))]
+    head = rng.choice([0.5, 2.4, 8.0, 40.0])  # (0 is split_layers, tested above)
+    ranges = split_work(n_layers, head, weights)
+    assert len(ranges) == len(weights)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n_layers
+    assert all(a_end == b_start for (_, a_end), (b_start, _) in zip(ranges, ranges[1:]))
+    assert all(end - start >= 1 for start, end in ranges)
+    assert split_work(n_layers, head, weights) == ranges  # deterministic
+    # every range but the last ends at its share of the work (layers + head), unless the one-layer
+    # minimum of the ranges around it moved it
+    total, cumulative = sum(max(w, 1) for w in weights), 0
+    for index, (weight, (start, end)) in enumerate(zip(weights[:-1], ranges[:-1])):
+        cumulative += max(weight, 1)
+        target = (n_layers + head) * cumulative / total
+        clamped = end in (start + 1, n_layers - (len(weights) - 1 - index))
+        assert abs(end - target) <= 0.5 or clamped
+
+
+def test_split_work_examples():
+    assert split_work(30, 8.0, [1, 1]) == [(0, 19), (19, 30)]  # SmolLM2-135M: 19 blocks vs 11 + head
+    assert split_work(30, 8.0, [1, 1, 1]) == [(0, 13), (13, 25), (25, 30)]
+    assert split_work(30, 0.0, [1, 1]) == split_layers(30, [1, 1])
+    assert split_work(30, 100.0, [1, 1]) == [(0, 29), (29, 30)]  # the head alone outweighs the blocks
+    assert split_work(3, 8.0, [1, 1, 1]) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(ValueError, match="cannot split 2 layers over 3 nodes"):
+        split_work(2, 1.0, [1, 1, 1])
+
+
+def test_the_default_models_head_counts_as_eight_blocks():
+    card = ModelCard.from_gguf(default_model_path())
+    assert head_blocks(card) == pytest.approx(8.0)  # 49152 x 576 against 576 x (576 + 192) x 2 + 3 x 576 x 1536
+
+
+def test_equal_nodes_share_the_work_of_a_big_vocabulary_model(plugins):
+    card = make_card(vocab_size=49152)  # the head: about 5.8 blocks of this card's shape
+    nodes = [make_node("a", fits(40)), make_node("b", fits(40))]
+    assert layers(place(plugins, nodes, card=card, min_nodes=2)) == [("a", 18), ("b", 12)]
+
+
+def test_the_layer_split_is_used_when_the_balanced_one_overfills_a_node(plugins):
+    card = make_card(vocab_size=49152)
+    # 18 layers (18 GiB) do not fit a 16 GiB node, 15 do: the plain memory split is used
+    nodes = [make_node("a", fits(16)), make_node("b", fits(16))]
+    assert layers(place(plugins, nodes, card=card)) == [("a", 15), ("b", 15)]
 
 
 def test_shard_range_and_placement_invariants():

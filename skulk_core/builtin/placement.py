@@ -1,14 +1,22 @@
 """Builtin placement plugin: memory-weighted pipeline placement.
 
 Choose the fewest nodes (at least ``min_nodes``) whose usable memory, less a safety margin, holds
-the model; split the layers in proportion to each node's usable memory, at least one layer each.
+the model; split the model in proportion to each node's usable memory, at least one layer each.
 Usable memory is the node's available memory, capped by its ``--memory-limit``. The memory a stage
 needs comes from its backend's estimate (weights for its layers, KV cache for the configured context
 and sequences, runtime overhead). It runs last, so any other placement plugin can take precedence.
+
+What is split is the work of a token, not the layer count: the last stage also runs the output head
+(vocabulary x hidden), which in a small model costs as much as several blocks (eight in
+SmolLM2-135M), and a pipeline runs at the pace of its slowest stage. The head counts as
+``head_flops / block_flops`` blocks, so two equal nodes split a 30-layer SmolLM2 as 19 + 11 + head
+rather than 15 + 15 + head. When that split does not fit a node's memory, the plain layer split is
+tried before the node count grows.
 """
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Sequence
 
@@ -51,6 +59,37 @@ def split_layers(n_layers: int, weights: Sequence[int]) -> list[tuple[int, int]]
         ranges.append((start, start + share))
         start += share
     return ranges
+
+
+def split_work(n_layers: int, head_blocks: float, weights: Sequence[int]) -> list[tuple[int, int]]:
+    """Split ``n_layers`` so that each range's work is proportional to ``weights``, where the last
+    range also carries an output head worth ``head_blocks`` blocks; at least one layer each.
+
+    Each boundary is the cumulative share of the whole work (layers plus head), rounded to the
+    nearest layer; deterministic, and ``split_layers`` when ``head_blocks`` is 0.
+    """
+    count = len(weights)
+    if count > n_layers:
+        raise ValueError(f"cannot split {n_layers} layers over {count} nodes")
+    if head_blocks <= 0:
+        return split_layers(n_layers, weights)
+    shares = [max(w, 1) for w in weights]
+    total, work = sum(shares), n_layers + head_blocks
+    ranges, start, cumulative = [], 0, 0
+    for index, share in enumerate(shares[:-1]):
+        cumulative += share
+        end = math.floor(work * cumulative / total + 0.5)
+        end = min(max(end, start + 1), n_layers - (count - 1 - index))  # room for the ranges after it
+        ranges.append((start, end))
+        start = end
+    ranges.append((start, n_layers))
+    return ranges
+
+
+def head_blocks(card: ModelCard) -> float:
+    """The output head's work per token, in blocks of this model."""
+    block = card.block_flops()
+    return card.head_flops() / block if block > 0 else 0.0
 
 
 def _fmt(n: int) -> str:
@@ -103,17 +142,24 @@ def _plans(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest
         )
         yield request.min_nodes, None, f"{request.min_nodes} node(s) requested but {why}"
         return
+    head = head_blocks(card)
     for count in range(max(request.min_nodes, 1), most + 1):
         chosen = candidates[:count]
-        ranges = split_layers(card.n_layers, [n.resources.usable_memory for n in chosen])
-        stages, problems = [], []
-        for node, (start, end) in zip(chosen, ranges):
-            shard = ShardRange(start, end, card.n_layers)
-            need = backend.estimate_memory(card, shard, options)
-            have = int(node.resources.usable_memory * (1 - SAFETY_MARGIN))
-            if need > have:
-                problems.append(f"{node.name} ({node.node_id}) needs {_fmt(need)} for layers {start}-{end - 1}, has {_fmt(have)}")
-            stages.append(StageAssignment(node.node_id, shard, backend_name))
+        memory = [n.resources.usable_memory for n in chosen]
+        splits = [split_work(card.n_layers, head, memory)]
+        if splits[0] != (by_layers := split_layers(card.n_layers, memory)):
+            splits.append(by_layers)  # the balanced split may overfill a node the plain one does not
+        for ranges in splits:
+            stages, problems = [], []
+            for node, (start, end) in zip(chosen, ranges):
+                shard = ShardRange(start, end, card.n_layers)
+                need = backend.estimate_memory(card, shard, options)
+                have = int(node.resources.usable_memory * (1 - SAFETY_MARGIN))
+                if need > have:
+                    problems.append(f"{node.name} ({node.node_id}) needs {_fmt(need)} for layers {start}-{end - 1}, has {_fmt(have)}")
+                stages.append(StageAssignment(node.node_id, shard, backend_name))
+            if not problems:
+                break
         if problems:
             yield count, None, f"{count} node(s): " + "; ".join(problems)
         else:
