@@ -348,7 +348,7 @@ class PeerServer:
 
     name = "peer"
 
-    def __init__(self, workdir: Path, model: Path, threads: int, context: int) -> None:
+    def __init__(self, workdir: Path, model: Path, threads: int, context: int, flash_attn: bool = False) -> None:
         self.port = find_free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "peer.log"
@@ -360,6 +360,8 @@ class PeerServer:
             # By default a new request cuts off the stream in progress; every client must get its
             # whole answer for the numbers to mean anything.
             "--interrupt_requests", "False",
+            # Its own default is off; --peer-flash-attn gives it the kernels skulk uses by default.
+            "--flash_attn", str(flash_attn),
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -399,8 +401,9 @@ class RawEngine:
     """A plain llama.cpp decode loop on the same model: no server, no sampler, argmax in numpy.
 
     The context is built like skulk's llama.cpp engine builds its own (``sequences`` KV streams of
-    ``context`` positions, ``kv_unified`` off, ``n_batch`` 512, no flash attention, f16 cache), so
-    the loop is the most that engine could get out of llama.cpp with these threads.
+    ``context`` positions, ``kv_unified`` off, ``n_batch`` 512, and the flash-attention and KV-cache
+    settings of ``LlamaCppSettings()``, the engine's defaults), so the loop is the most that engine
+    could get out of llama.cpp with these threads.
     """
 
     def __init__(self, model: Path, threads: int, context: int, sequences: int) -> None:
@@ -421,7 +424,14 @@ class RawEngine:
         params.n_batch = params.n_ubatch = 512
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = False
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        from skulk_llamacpp.engine import _GGML_TYPES
+        from skulk_llamacpp.settings import LlamaCppSettings
+
+        engine = LlamaCppSettings()  # what skulk's engine runs with unless configured otherwise
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if engine.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        params.type_k = params.type_v = _GGML_TYPES[engine.kv_cache_type]
         params.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
@@ -680,7 +690,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples = {name: Samples() for name in ("skulk", "peer", "raw")}
     info: dict[str, Any] = {}
     skulk = SkulkServer(workdir, args.threads, args.context, sequences)
-    peer = PeerServer(workdir, model, args.threads, args.context)
+    peer = PeerServer(workdir, model, args.threads, args.context, args.peer_flash_attn)
     servers = [skulk, peer]
     raw: RawEngine | None = None
     measurer: Measurer | None = None
@@ -838,6 +848,7 @@ def _report(args: argparse.Namespace, samples: dict[str, Samples], info: dict[st
             "concurrent_runs": args.concurrent_runs,
             "context_length": args.context,
             "same_prompt": args.same_prompt,
+            "flash_attn": {"skulk": _skulk_flash_attn(), "raw": _skulk_flash_attn(), "peer": args.peer_flash_attn},
             "prompt": messages(0),
         },
         "medians": med,
@@ -855,6 +866,10 @@ def print_table(report: dict[str, Any]) -> None:
         f"\nskulk vs llama_cpp.server vs raw llama_decode: {s['model']}, {s['threads']} threads, "
         f"{s['max_tokens']} tokens, {s['clients']} clients, context {s['context_length']}"
     )
+    fa = s["flash_attn"]
+    print("flash attention: " + ", ".join(f"{name} {'on' if on else 'off'}" for name, on in fa.items()) + (
+        "" if fa["peer"] else " (the peer's own default; --peer-flash-attn turns it on there too)"
+    ))
     rows = [
         ("single-stream decode, tokens/s", "decode", "{:.1f}"),
         ("time to first token, s", "ttft", "{:.3f}"),
@@ -908,6 +923,12 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"note ({name}): {note}")
 
 
+def _skulk_flash_attn() -> bool:
+    from skulk_llamacpp.settings import LlamaCppSettings
+
+    return LlamaCppSettings().flash_attn
+
+
 def _fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -923,6 +944,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("--ttft-probes", dict(type=int, default=2, help="2-token requests per round, for first tokens (default 2)")),
         ("--context", dict(type=int, default=4096, help="positions per request, both servers (default 4096)")),
         ("--same-prompt", dict(action="store_true", help="the same prompt every time (default: numbered)")),
+        ("--peer-flash-attn", dict(action="store_true", help="run the peer with flash attention (default: its own default, off)")),
         ("--quiet-wait", dict(type=float, default=5.0, help="seconds to wait for an idle machine (default 5)")),
         ("--retries", dict(type=int, default=2, help="repeats of a measurement others interfered with (default 2)")),
         ("--foreign-threshold", dict(type=float, default=0.1, help="share of the CPU others may take (default 0.1)")),

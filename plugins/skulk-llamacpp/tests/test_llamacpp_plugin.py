@@ -57,17 +57,18 @@ def test_importing_the_plugin_does_not_import_llama_cpp() -> None:
 
 def test_config_section_from_file_and_environment() -> None:
     loader = ConfigLoader(
-        document={"llamacpp": {"n_batch": 256}}, env={"SKULK_LLAMACPP_FLASH_ATTN": "true"}, cli={}
+        document={"llamacpp": {"n_batch": 256}}, env={"SKULK_LLAMACPP_FLASH_ATTN": "false"}, cli={}
     )
     settings = loader.resolve({"llamacpp": LlamaCppSettings}).section("llamacpp")
-    assert settings == LlamaCppSettings(n_batch=256, flash_attn=True)
+    assert settings == LlamaCppSettings(n_batch=256, flash_attn=False)
+    assert LlamaCppSettings().flash_attn  # on unless turned off
 
 
 def test_config_section_rejects_bad_values() -> None:
     with pytest.raises(ConfigError, match="kv_cache_type"):
         ConfigLoader(document={"llamacpp": {"kv_cache_type": "q3"}}, env={}, cli={}).resolve({"llamacpp": LlamaCppSettings})
     with pytest.raises(ValueError, match="flash_attn"):
-        LlamaCppSettings(kv_cache_type="q8_0")
+        LlamaCppSettings(kv_cache_type="q8_0", flash_attn=False)
     assert LlamaCppSettings(kv_cache_type="q8_0", flash_attn=True).kv_bytes_per_value == 34 / 32
 
 
