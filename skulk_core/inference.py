@@ -3,7 +3,8 @@
 One :class:`InstanceRunner` per served instance runs a loop that advances every live request in one
 engine step (continuous batching): decoding sequences contribute one token each, new requests are
 prefilled in chunks within a token budget, so a long prompt never stalls the others. Logits come
-back to the core's sampler, text is assembled here (UTF-8 safe, stop sequences held back until
+back to the core's sampler (constrained to the request's response format, see
+:mod:`skulk_core.constraints`), text is assembled here (UTF-8 safe, stop sequences held back until
 they can be ruled out), and each request's chunks go to its own stream. A consumer that stops
 reading (its client went away) frees its sequence at the next step.
 """
@@ -26,6 +27,7 @@ from attrs import define, field, frozen
 
 from skulk_core.backend import SequenceChunk, Tokenizer
 from skulk_core.chat import render_chat
+from skulk_core.constraints import JsonObjectConstraint, TokenConstraint, TokenTexts
 from skulk_core.errors import ModelError, PlacementError, RequestError, SkulkError, TransportError
 from skulk_core.model import DEFAULT_MODEL_ID, ModelCard
 from skulk_core.pipeline import StageChain
@@ -40,6 +42,7 @@ log = logging.getLogger("skulk.inference")
 
 DEFAULT_CONTEXT = 4096  # per sequence, when the config does not say (capped by the model's own)
 PREFILL_BUDGET = 512  # tokens per step across all prefilling sequences
+RESPONSE_FORMATS = ("text", "json_object")  # json_object: the output is one JSON object
 
 
 class ModelNotFoundError(RequestError):
@@ -60,6 +63,14 @@ class InstanceLostError(ModelNotReadyError):
     that has produced no token yet is retried on the next placement."""
 
 
+def _check_format(_: object, attribute: object, value: str) -> None:
+    if value not in RESPONSE_FORMATS:
+        raise RequestError(
+            f"{value!r} is not a response format of this server; use one of {', '.join(RESPONSE_FORMATS)}",
+            param="response_format",
+        )
+
+
 @frozen
 class GenerationRequest:
     model: str
@@ -71,6 +82,8 @@ class GenerationRequest:
     ignore_eos: bool = False
     logprobs: bool = False
     request_id: str = field(factory=lambda: uuid.uuid4().hex)
+    # "json_object": sampling keeps the text one JSON object and stops when it closes
+    response_format: str = field(default="text", validator=_check_format)
 
 
 @frozen
@@ -174,6 +187,7 @@ class InstanceRunner:
         self._lanes: list[dict[str, _Live]] = [{} for _ in range(max(1, lanes))]
         self._wake = anyio.Event()
         self._eos = frozenset(tokenizer.eos_token_ids)
+        self._token_texts: TokenTexts | None = None  # made for the first constrained request
         self.steps = 0
 
     @property
@@ -202,7 +216,7 @@ class InstanceRunner:
         """Stream ``request``'s chunks; closing the iterator early frees the sequence."""
         self.check(request)
         send, receive = anyio.create_memory_object_stream[GenerationChunk | BaseException](math.inf)
-        live = _Live(request, Sampler(request.sampling), TextAssembler(request.stop), send, time.monotonic())
+        live = _Live(request, Sampler(request.sampling, self._constraint(request)), TextAssembler(request.stop), send, time.monotonic())
         self._waiting.append(live)
         self._wake.set()
         try:
@@ -216,6 +230,13 @@ class InstanceRunner:
         finally:
             live.cancelled = True
             self._wake.set()
+
+    def _constraint(self, request: GenerationRequest) -> TokenConstraint | None:
+        if request.response_format != "json_object":
+            return None
+        if self._token_texts is None:
+            self._token_texts = TokenTexts(self.tokenizer)
+        return JsonObjectConstraint(self._token_texts)
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -317,7 +338,15 @@ class InstanceRunner:
 
     def _advance(self, live: _Live, logits: Any) -> None:
         request = live.request
-        sampled = live.sampler.sample(logits, want_logprobs=request.logprobs)
+        try:
+            sampled = live.sampler.sample(logits, want_logprobs=request.logprobs)
+        except SkulkError as exc:  # this request cannot go on (its constraint allows no token)
+            log.error("%s: %s", request.request_id, exc)
+            with suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+                live.send.send_nowait(exc)
+            live.finished = True
+            live.send.close()
+            return
         token = sampled.token_id
         live.completion += 1
         live.last_token = token
@@ -331,8 +360,12 @@ class InstanceRunner:
             text = live.text.flush()
         else:
             text, stopped = live.text.feed(b"" if self.tokenizer.is_control(token) else self.tokenizer.token_bytes(token))
+            constraint = live.sampler.constraint
             if stopped:
                 finish = "stop"
+            elif constraint is not None and constraint.complete:
+                finish = "stop"  # the JSON object closed: nothing may follow it
+                text += live.text.flush()
             elif request.max_tokens is not None and live.completion >= request.max_tokens:
                 finish = "length"
             elif len(request.prompt) + live.completion >= self.context_length:

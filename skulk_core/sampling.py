@@ -4,7 +4,14 @@ the same tokens wherever the model runs.
 Order of operations on one logits vector: logit bias, presence/frequency penalties, then (unless
 greedy) temperature, top-k, min-p and top-p filtering, then a draw from the request's own seeded
 generator. Log-probabilities reported to clients are those of the model's distribution after bias
-and penalties, before temperature and filtering (what OpenAI reports).
+and penalties, before temperature and filtering (what OpenAI reports), and before any constraint.
+
+A request with a constraint (JSON mode, :mod:`skulk_core.constraints`) is masked lazily, as
+llama.cpp applies a grammar: the candidate the sampler would pick is checked, and only a rejected
+one costs more. Greedy takes the most likely allowed token; a draw that lands on a forbidden token
+is drawn again with that token removed (which samples exactly the allowed part of the
+distribution), up to ``MAX_REDRAWS`` times, then the most likely allowed token is taken. Every
+choice depends only on the logits and the request's generator, so seeds stay reproducible.
 """
 
 from __future__ import annotations
@@ -16,7 +23,11 @@ from collections.abc import Mapping
 import numpy as np
 from attrs import field, frozen
 
-from skulk_core.errors import RequestError
+from skulk_core.constraints import TokenConstraint
+from skulk_core.errors import ModelError, RequestError
+
+MAX_REDRAWS = 8  # draws that may land on tokens a constraint forbids before the best allowed is taken
+FIRST_CANDIDATES = 16  # a constrained greedy step checks the best 16 tokens, then 16 times more
 
 
 def _check_range(low: float, high: float) -> object:
@@ -65,8 +76,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 class Sampler:
     """Samples one request's tokens; holds its seeded generator and the counts for penalties."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, constraint: TokenConstraint | None = None) -> None:
         self.params = params
+        self.constraint = constraint
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
         self._rng = np.random.Generator(np.random.PCG64(seed))
         self._counts: Counter[int] = Counter()
@@ -79,8 +91,9 @@ class Sampler:
         if p.greedy and not penalised and not want_logprobs and not p.top_logprobs:
             # The usual case: no copy of the whole vocabulary to change a few logits.
             token = _argmax_biased(logits, self._bias_for(logits.shape[0]))
-            self._counts[token] += 1
-            return SampledToken(token, 0.0)
+            if self.constraint is None or self.constraint.allows(token):
+                self._taken(token)
+                return SampledToken(token, 0.0)
         if p.logit_bias or penalised:
             logits = logits.copy()
             bias_ids, bias = self._bias_for(logits.shape[0])
@@ -89,11 +102,8 @@ class Sampler:
                 ids = np.fromiter(self._counts.keys(), dtype=np.int64)
                 counts = np.fromiter(self._counts.values(), dtype=np.float32)
                 logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
-        if p.greedy:
-            token = int(np.argmax(logits))
-        else:
-            token = self._draw(logits)
-        self._counts[token] += 1
+        token = self._choose(logits)
+        self._taken(token)
         if not want_logprobs and not p.top_logprobs:
             return SampledToken(token, 0.0)
         logprobs = log_softmax(logits)
@@ -104,6 +114,60 @@ class Sampler:
             idx = idx[np.lexsort((idx, -logprobs[idx]))]
             top = tuple(TokenLogprob(int(i), float(logprobs[i])) for i in idx)
         return SampledToken(token, float(logprobs[token]), top)
+
+    def _taken(self, token: int) -> None:
+        self._counts[token] += 1
+        if self.constraint is not None:
+            self.constraint.advance(token)
+
+    def _choose(self, logits: np.ndarray) -> int:
+        """The next token from the biased and penalised ``logits``, within the constraint."""
+        constraint = self.constraint
+        if self.params.greedy:
+            return int(np.argmax(logits)) if constraint is None else self._best_allowed(logits)
+        if constraint is None:
+            return self._draw(logits)
+        masked = logits
+        for _ in range(MAX_REDRAWS):
+            token = self._draw(masked)
+            if constraint.allows(token):
+                return token
+            if masked is logits:
+                masked = logits.copy()
+            masked[token] = -np.inf
+            if np.max(masked) == -np.inf:
+                break
+        return self._best_allowed(masked)
+
+    def _best_allowed(self, logits: np.ndarray) -> int:
+        """The most likely token the constraint allows (the lowest id among equals).
+
+        Candidates are checked in descending order, in blocks of growing size: a block holds every
+        token at least as likely as its k-th best, so each block extends the previous one in the
+        same order, and only a step where the best tokens all fail sorts more of the vocabulary.
+        """
+        assert self.constraint is not None
+        allows = self.constraint.allows
+        vocab = logits.shape[0]
+        checked = 0
+        k = FIRST_CANDIDATES
+        while True:
+            if k >= vocab:
+                block = np.arange(vocab)
+            else:
+                kth = np.partition(logits, vocab - k)[vocab - k]
+                block = np.flatnonzero(logits >= kth)
+            order = block[np.lexsort((block, -logits[block]))]
+            for token in order[checked:].tolist():
+                if allows(token):
+                    return token
+            if k >= vocab:
+                raise ModelError(
+                    "no token of the model's vocabulary can continue the constrained output; "
+                    "the request cannot be answered in this response format"
+                )
+            checked = len(order)
+            k *= 16
 
     def _bias_for(self, vocab: int) -> tuple[np.ndarray, np.ndarray]:
         """The request's logit bias as (token ids within the vocabulary, float32 biases), made once."""

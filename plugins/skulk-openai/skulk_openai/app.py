@@ -136,6 +136,7 @@ class OpenAIFrontend:
             stop=generation.stop,
             ignore_eos=generation.ignore_eos,
             logprobs=generation.logprobs,
+            response_format=generation.response_format,
         )
 
     async def _collect(self, gen_request: GenerationRequest) -> tuple[str, list[Any], GenerationChunk]:

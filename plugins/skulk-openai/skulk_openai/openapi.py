@@ -1,8 +1,8 @@
 """The OpenAPI 3.1 document served at ``/openapi.json``: every endpoint, its body and its answers.
 
-The schemas say what the server really accepts (``n`` is 1, ``response_format`` is text, ``stop``
-holds at most four strings), so a tool that generates requests from them, such as schemathesis,
-gets the answers the document promises.
+The schemas say what the server really accepts (``n`` is 1, ``response_format`` is text or
+json_object, ``stop`` holds at most four strings), so a tool that generates requests from them,
+such as schemathesis, gets the answers the document promises.
 """
 
 from __future__ import annotations
@@ -112,12 +112,7 @@ _CHAT_REQUEST = {
         "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1, "description": "Newer name of max_tokens; wins when both are given."},
         "logprobs": {"type": ["boolean", "null"], "default": False, "description": "Return the log-probability of each generated token."},
         "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20, "description": "Alternatives per position; needs logprobs true."},
-        "response_format": {
-            "type": ["object", "null"],
-            "required": ["type"],
-            "properties": {"type": {"const": "text"}},
-            "description": "Only {'type': 'text'}; json_object and json_schema are refused with a 400.",
-        },
+        "response_format": {"anyOf": [_ref("ResponseFormat"), {"type": "null"}]},
         "tools": {"type": ["array", "null"], "maxItems": 0, "description": "Not supported: must be absent or empty."},
         "tool_choice": {"anyOf": [{"enum": ["none", "auto"]}, {"type": "null"}]},
     },
@@ -128,6 +123,16 @@ _CHAT_REQUEST = {
             "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
         },
     ],
+}
+
+_RESPONSE_FORMAT = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {"type": {"enum": ["text", "json_object"]}},
+    "description": (
+        "'text' (the default), or 'json_object': the generated text is one JSON object and generation stops "
+        "when it closes (finish_reason 'length' if max_tokens cuts it first). json_schema is refused with a 400."
+    ),
 }
 
 _TOKEN_IDS = _ref("TokenIds")
@@ -151,6 +156,10 @@ _COMPLETION_REQUEST = {
         "echo": {"type": ["boolean", "null"], "default": False, "description": "Prepend the prompt to the text; not with logprobs."},
         "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 5, "description": "Return log-probabilities with this many alternatives."},
         "best_of": {"type": ["integer", "null"], "minimum": 1, "maximum": 1},
+        "response_format": {
+            "anyOf": [_ref("ResponseFormat"), {"type": "null"}],
+            "description": "Extension on this endpoint (as in llama.cpp's server); as for chat completions.",
+        },
         "suffix": {"anyOf": [{"const": ""}, {"type": "null"}], "description": "Not supported."},
     },
     "allOf": [
@@ -419,6 +428,7 @@ def openapi_document(model_ids: Sequence[str] = (), vocab_size: int | None = Non
         "ModelId": model_id,
         "TokenIds": {"type": "array", "minItems": 1, "items": token_id, "description": "Token ids of the model's vocabulary."},
         "ChatMessage": _MESSAGE,
+        "ResponseFormat": _RESPONSE_FORMAT,
         "ChatCompletionRequest": _CHAT_REQUEST,
         "ChatCompletion": _CHAT_COMPLETION,
         "ChatCompletionChunk": _CHAT_CHUNK,

@@ -169,6 +169,7 @@ class Generation:
     logprobs: bool  # report the sampled tokens' log-probabilities
     top_logprobs: int  # and this many alternatives per position
     ignore_eos: bool = False
+    response_format: str = "text"  # or "json_object": the output is one JSON object
 
 
 @frozen
@@ -354,21 +355,21 @@ def _messages(f: Fields) -> list[dict[str, Any]]:
     return out
 
 
-def _response_format(f: Fields) -> None:
+def _response_format(f: Fields) -> str:
     fmt = f.obj("response_format")
     if fmt is None:
-        return
+        return "text"
     kind = Fields(fmt, "response_format.").required("type")
-    if kind == "text":
-        return
-    if kind in ("json_object", "json_schema"):
+    if kind in ("text", "json_object"):
+        return kind
+    if kind == "json_schema":
         raise RequestError(
-            f"response_format of type '{kind}' is not supported by this server: it cannot constrain sampling "
-            f"to JSON yet. Ask for JSON in the prompt and use response_format {{'type': 'text'}} (the default).",
+            "response_format of type 'json_schema' is not supported by this server: it constrains sampling to "
+            "any JSON object, not to a schema. Use {'type': 'json_object'} and describe the schema in the prompt.",
             param="response_format.type",
             code="unsupported_value",
         )
-    raise invalid_value("response_format.type", f"{kind!r} is not a response format; use 'text'.")
+    raise invalid_value("response_format.type", f"{kind!r} is not a response format; use 'text' or 'json_object'.")
 
 
 def _no_tools(f: Fields) -> None:
@@ -389,7 +390,7 @@ def parse_chat(body: object) -> ChatParams:
     model = _model(f)
     messages = _messages(f)
     _n(f)
-    _response_format(f)
+    response_format = _response_format(f)
     _no_tools(f)
     f.string("user")
     stream, include_usage = _stream(f)
@@ -407,6 +408,7 @@ def parse_chat(body: object) -> ChatParams:
         logprobs=logprobs,
         top_logprobs=top_logprobs or 0,
         ignore_eos=f.boolean("ignore_eos", False),
+        response_format=response_format,
     )
     return ChatParams(generation, messages)
 
@@ -452,6 +454,7 @@ def parse_completion(body: object) -> CompletionParams:
     prompt = _prompt(f)
     _n(f)
     _n(f, "best_of")
+    response_format = _response_format(f)  # an extension here, as in llama.cpp's server
     f.string("user")
     suffix = f.string("suffix")
     if suffix:
@@ -475,6 +478,7 @@ def parse_completion(body: object) -> CompletionParams:
         logprobs=logprobs is not None,
         top_logprobs=logprobs or 0,
         ignore_eos=f.boolean("ignore_eos", False),
+        response_format=response_format,
     )
     return CompletionParams(generation, prompt, echo)
 

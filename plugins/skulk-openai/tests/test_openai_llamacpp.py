@@ -144,6 +144,34 @@ def test_stop_sequences(client: openai.OpenAI) -> None:
     assert reply.choices[0].finish_reason == "stop"
 
 
+JSON_ASK = [{"role": "user", "content": "Describe a person called Alice, aged 30, as a JSON object with the keys name and age."}]
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0.8, "seed": 42}], ids=["greedy", "seeded"])
+def test_json_mode_answers_one_json_object(client: openai.OpenAI, sampling: dict[str, Any]) -> None:
+    def ask() -> tuple[str, str | None]:
+        reply = client.chat.completions.create(model=MODEL, messages=JSON_ASK, response_format={"type": "json_object"}, max_tokens=200, **sampling)
+        return reply.choices[0].message.content or "", reply.choices[0].finish_reason
+
+    content, finish = ask()
+    assert isinstance(json.loads(content), dict), content
+    assert finish == "stop" and content.lstrip().startswith("{") and content.rstrip().endswith("}")
+    assert ask() == (content, finish)  # greedy, or the same seed: the same object
+
+
+def test_json_mode_streams_the_same_object(client: openai.OpenAI) -> None:
+    plain = client.chat.completions.create(model=MODEL, messages=JSON_ASK, response_format={"type": "json_object"}, temperature=0, max_tokens=200)
+    stream = client.chat.completions.create(model=MODEL, messages=JSON_ASK, response_format={"type": "json_object"}, temperature=0, max_tokens=200, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content and isinstance(json.loads(text), dict)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    completion = client.completions.create(
+        model=MODEL, prompt="Here is a person as JSON:\n", temperature=0, max_tokens=200, extra_body={"response_format": {"type": "json_object"}}
+    )
+    assert isinstance(json.loads(completion.choices[0].text), dict) and completion.choices[0].finish_reason == "stop"
+
+
 def test_sixteen_concurrent_streams_complete_with_correct_usage(llama_node: Node) -> None:
     prompts = [f"Count from {i} to {i + 5}." for i in range(16)]
     expected_prompt_tokens = [len(llama_node.models.encode(MODEL, llama_node.models.render_chat(MODEL, [{"role": "user", "content": p}]), add_special=False)) for p in prompts]
@@ -204,7 +232,7 @@ BAD: list[tuple[str, Any, int, str | None, str | None]] = [
     ("/v1/chat/completions", {"model": MODEL, "messages": HI, "max_tokens": "8"}, 400, "max_tokens", "invalid_type"),
     ("/v1/chat/completions", {"model": MODEL, "messages": HI, "n": 2}, 400, "n", "unsupported_value"),
     ("/v1/chat/completions", {"model": MODEL, "messages": HI, "stream": "true"}, 400, "stream", "invalid_type"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": HI, "response_format": {"type": "json_object"}}, 400, "response_format.type", "unsupported_value"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, 400, "response_format.type", "unsupported_value"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400, "messages[0].content[0].type", "unsupported_value"),
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt", None),
     ("/v1/completions", {"model": MODEL, "prompt": [49152]}, 400, "prompt[0]", "invalid_value"),

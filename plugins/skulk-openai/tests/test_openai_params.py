@@ -69,6 +69,17 @@ def test_chat_fields_are_read() -> None:
     assert (g.sampling.temperature, g.sampling.top_p, g.sampling.min_p) == (0.0, 0.5, 0.1)
 
 
+def test_response_formats() -> None:
+    assert parse_chat(CHAT).generation.response_format == "text"
+    assert parse_chat({**CHAT, "response_format": {"type": "json_object"}}).generation.response_format == "json_object"
+    completion = parse_completion({"model": "m", "prompt": "hi", "response_format": {"type": "json_object"}})
+    assert completion.generation.response_format == "json_object"
+    with pytest.raises(RequestError, match="json_object") as info:
+        parse_chat({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}})
+    assert (info.value.param, info.value.code) == ("response_format.type", "unsupported_value")
+    assert "not supported" in str(info.value) and "json mode" not in str(info.value).lower()
+
+
 def test_null_reads_as_absent() -> None:
     g = parse_chat({**CHAT, "temperature": None, "max_tokens": None, "stop": None, "stream": None, "seed": None, "logit_bias": None}).generation
     assert (g.sampling.temperature, g.max_tokens, g.stop, g.stream, g.sampling.seed) == (1.0, None, (), False, None)

@@ -182,6 +182,25 @@ def test_completion_stream_with_openai_client(client: openai.OpenAI) -> None:
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_json_mode_turns_the_fake_alphabet_into_one_object(client: openai.OpenAI, http: httpx.Client) -> None:
+    # The fake wants "abc...", which is not JSON; in JSON mode it writes "{", its favourite
+    # whitespace up to the constraint's bound, then "}", and stops there.
+    reply = client.chat.completions.create(model=FAKE_MODEL_ID, messages=USER, temperature=0, response_format={"type": "json_object"})
+    content, choice = reply.choices[0].message.content or "", reply.choices[0]
+    assert json.loads(content) == {} and content.startswith("{") and choice.finish_reason == "stop"
+    assert reply.usage.completion_tokens == len(content)  # one token per byte, and no end-of-turn token
+    streamed = list(client.chat.completions.create(model=FAKE_MODEL_ID, messages=USER, temperature=0, response_format={"type": "json_object"}, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == content
+    assert [c.choices[0].finish_reason for c in streamed if c.choices[0].finish_reason] == ["stop"]
+    cut = client.chat.completions.create(model=FAKE_MODEL_ID, messages=USER, temperature=0, response_format={"type": "json_object"}, max_tokens=3)
+    assert (cut.choices[0].message.content, cut.choices[0].finish_reason) == (content[:3], "length")
+    text = http.post("/v1/completions", json={"model": FAKE_MODEL_ID, "prompt": "x", "temperature": 0.8, "seed": 5, "max_tokens": 100, "response_format": {"type": "json_object"}}).json()
+    assert isinstance(json.loads(text["choices"][0]["text"]), dict) and text["choices"][0]["finish_reason"] == "stop"
+    # "text" is the default and changes nothing
+    plain = client.chat.completions.create(model=FAKE_MODEL_ID, messages=USER, temperature=0, response_format={"type": "text"})
+    assert plain.choices[0].message.content == ALPHABET
+
+
 def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
     def sample(seed: int) -> str:
         reply = client.completions.create(model=FAKE_MODEL_ID, prompt=[1], temperature=2, max_tokens=24, seed=seed, extra_body={"ignore_eos": True})
@@ -354,7 +373,6 @@ ERRORS: list[tuple[str, Any, int, str | None, str | None]] = [
     ("/v1/chat/completions", {**CHAT, "logit_bias": {"5": 200}}, 400, "logit_bias.5", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "logit_bias": {"999999": 1}}, 400, "logit_bias", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "logit_bias": [1]}, 400, "logit_bias", "invalid_type"),
-    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format.type", "unsupported_value"),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400, "response_format.type", "unsupported_value"),
     ("/v1/chat/completions", {**CHAT, "response_format": {"type": "xml"}}, 400, "response_format.type", "invalid_value"),
     ("/v1/chat/completions", {**CHAT, "response_format": "json"}, 400, "response_format", "invalid_type"),
@@ -373,6 +391,8 @@ ERRORS: list[tuple[str, Any, int, str | None, str | None]] = [
     ("/v1/completions", {"model": M, "prompt": LONG}, 400, "prompt", "context_length_exceeded"),
     ("/v1/completions", {"model": M, "prompt": LONG, "stream": True}, 400, "prompt", "context_length_exceeded"),
     ("/v1/completions", {"model": M, "prompt": "x", "suffix": "y"}, 400, "suffix", "unsupported_parameter"),
+    ("/v1/completions", {"model": M, "prompt": "x", "response_format": {"type": "json_schema"}}, 400, "response_format.type", "unsupported_value"),
+    ("/v1/completions", {"model": M, "prompt": "x", "response_format": {"type": "yaml"}}, 400, "response_format.type", "invalid_value"),
     ("/v1/completions", {"model": M, "prompt": "x", "echo": "yes"}, 400, "echo", "invalid_type"),
     ("/v1/completions", {"model": M, "prompt": "x", "echo": True, "logprobs": 1}, 400, "echo", "unsupported_value"),
     ("/v1/completions", {"model": M, "prompt": "x", "logprobs": 6}, 400, "logprobs", "integer_above_max_value"),
