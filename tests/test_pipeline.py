@@ -191,6 +191,51 @@ def test_killing_a_stage_mid_stream_errors_cleanly_and_the_model_is_placed_again
     assert master_id  # the cluster kept a master throughout
 
 
+def test_a_request_with_no_token_yet_is_retried_on_the_new_placement(skulk_process: Callable[..., SkulkProcess]) -> None:
+    nodes = start_cluster(skulk_process, 2)
+    instance = place(nodes[0], MODEL, 2)
+    ready_everywhere(nodes, MODEL)
+    by_id = node_ids(nodes)
+    head = by_id[instance["stages"][0]["node_id"]]
+    victim_node_id = instance["stages"][1]["node_id"]
+    victim = by_id[victim_node_id]
+    # A prompt of about 400 tokens: its prefill takes seconds on one thread a stage, so the stage
+    # dies while the request is still in it, before any token.
+    messages = [{"role": "user", "content": "Repeat after me: " + "fox river moon " * 130 + ". What did I say?"}]
+    client = openai.OpenAI(base_url=head.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    outcome: dict[str, object] = {}
+
+    def ask() -> None:
+        try:
+            outcome["reply"] = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+        except Exception as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    head.wait_for(lambda: _stage_busy(head), 10, "the prefill started")
+    victim.kill()
+    thread.join(100)
+    assert not thread.is_alive(), "the request hung after its stage died"
+    assert "error" not in outcome, outcome  # retried, not failed
+    reply = outcome["reply"]
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 8  # type: ignore[attr-defined]
+    assert "retrying on the next placement" in head.log_text()
+    placed = head.get("/state")["instances"]  # type: ignore[index]
+    assert [s["node_id"] for s in placed[0]["stages"]] == [head.get("/node_id")]  # the head alone now
+    # the same request on the new placement gives the same greedy tokens
+    again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    assert again.choices[0].message.content == reply.choices[0].message.content  # type: ignore[attr-defined]
+
+
+def _stage_busy(node: SkulkProcess) -> bool:
+    """True once the node's process has used CPU for a while since the last call (its stage computes)."""
+    process = psutil.Process(node.process.pid)  # type: ignore[union-attr]
+    before = sum(process.cpu_times()[:2])
+    time.sleep(0.2)
+    return sum(process.cpu_times()[:2]) - before > 0.1
+
+
 def test_stage_memory_is_roughly_proportional_to_its_layers(skulk_process: Callable[..., SkulkProcess]) -> None:
     nodes = start_cluster(skulk_process, 3)
     pids = {n.get("/node_id"): psutil.Process(n.process.pid) for n in nodes}  # type: ignore[union-attr]
