@@ -89,6 +89,15 @@ def node_ids(nodes: Sequence[SkulkProcess]) -> dict[str, SkulkProcess]:
     return {n.get("/node_id"): n for n in nodes}  # type: ignore[misc]
 
 
+def split_in_two(nodes: Sequence[SkulkProcess]) -> tuple[SkulkProcess, SkulkProcess, str]:
+    """Place the default model over two of ``nodes``; (the head's node, stage 1's node, its id)."""
+    instance = place(nodes[0], MODEL, 2)
+    ready_everywhere(nodes, MODEL)
+    by_id = node_ids(nodes)
+    second = instance["stages"][1]["node_id"]
+    return by_id[instance["stages"][0]["node_id"]], by_id[second], second
+
+
 def test_split_one_two_and_three_ways_gives_the_same_greedy_tokens(skulk_process: Callable[..., SkulkProcess]) -> None:
     nodes = start_cluster(skulk_process, 3)
     texts = {}
@@ -143,12 +152,7 @@ def test_placement_that_cannot_fit_says_so_with_numbers(skulk_process: Callable[
 
 def test_killing_a_stage_mid_stream_errors_cleanly_and_the_model_is_placed_again(skulk_process: Callable[..., SkulkProcess]) -> None:
     nodes = start_cluster(skulk_process, 3)
-    instance = place(nodes[0], MODEL, 2)
-    ready_everywhere(nodes, MODEL)
-    by_id = node_ids(nodes)
-    head = by_id[instance["stages"][0]["node_id"]]
-    victim_node_id = instance["stages"][1]["node_id"]
-    victim = by_id[victim_node_id]
+    head, victim, victim_node_id = split_in_two(nodes)
     master_id = nodes[0].get("/state")["master_id"]  # type: ignore[index]
     client_node = head
     client = openai.OpenAI(base_url=client_node.url + "/v1", api_key="unused", max_retries=0, timeout=60)
@@ -193,12 +197,7 @@ def test_killing_a_stage_mid_stream_errors_cleanly_and_the_model_is_placed_again
 
 def test_a_request_with_no_token_yet_is_retried_on_the_new_placement(skulk_process: Callable[..., SkulkProcess]) -> None:
     nodes = start_cluster(skulk_process, 2)
-    instance = place(nodes[0], MODEL, 2)
-    ready_everywhere(nodes, MODEL)
-    by_id = node_ids(nodes)
-    head = by_id[instance["stages"][0]["node_id"]]
-    victim_node_id = instance["stages"][1]["node_id"]
-    victim = by_id[victim_node_id]
+    head, victim, _ = split_in_two(nodes)
     # A prompt of about 400 tokens: its prefill takes seconds on one thread a stage, so the stage
     # dies while the request is still in it, before any token.
     messages = [{"role": "user", "content": "Repeat after me: " + "fox river moon " * 130 + ". What did I say?"}]
