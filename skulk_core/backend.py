@@ -36,6 +36,11 @@ class BackendCapabilities:
     architectures: frozenset[str] | None = field(
         default=None, converter=lambda v: None if v is None else frozenset(v)
     )  # None: any architecture the format allows
+    # What a transformer block costs this backend beyond its matrix multiplications, as a fraction
+    # of them (norms, rotary embedding, attention over the context, per-operation dispatch). The
+    # builtin placement weighs the output head against blocks with it: head MACs over block MACs
+    # times (1 + block_overhead).
+    block_overhead: float = 0.0
 
 
 @frozen

@@ -62,7 +62,7 @@ def test_every_hook_is_reached_through_the_facade(node, calls):
 
     backends = plugins.backends()
     assert last_call(calls, "skulk_register_backends")["registry"] is backends
-    assert backends.names() == ["fake", "fake-whole"]
+    assert backends.names() == ["fake", "fake-whole", "fake-slow-blocks"]
     assert plugins.backends() is backends  # registered once per plugin set
 
     placement = plugins.place(CARD, NODES, REQUEST)  # the recorder defers, the builtin places

@@ -143,9 +143,20 @@ def test_split_work_examples():
         split_work(2, 1.0, [1, 1, 1])
 
 
-def test_the_default_models_head_counts_as_eight_blocks():
+def test_the_default_models_head_counts_as_eight_blocks_of_macs_and_six_of_torch_time():
     card = ModelCard.from_gguf(default_model_path())
     assert head_blocks(card) == pytest.approx(8.0)  # 49152 x 576 against 576 x (576 + 192) x 2 + 3 x 576 x 1536
+    assert head_blocks(card, block_overhead=1 / 3) == pytest.approx(6.0)  # blocks cost a third more than their MACs
+    assert split_work(30, head_blocks(card, 1 / 3), [1, 1]) == [(0, 18), (18, 30)]
+    assert split_work(30, head_blocks(card, 1 / 3), [1, 1, 1]) == [(0, 12), (12, 24), (24, 30)]
+
+
+def test_placement_weighs_the_head_by_the_backends_block_overhead(plugins):
+    card = make_card(vocab_size=49152)  # the head: about 5.8 blocks of MACs
+    nodes = [make_node(n, fits(40), backends=("fake-slow-blocks",)) for n in ("a", "b")]
+    # blocks that cost twice their MACs make the head worth about 2.9 of them, not 5.8: 16 / 14 + head
+    # (against 18 / 12 + head on the plain fake backend)
+    assert layers(place(plugins, nodes, card=card, min_nodes=2, backend="fake-slow-blocks")) == [("a", 16), ("b", 14)]
 
 
 def test_equal_nodes_share_the_work_of_a_big_vocabulary_model(plugins):
@@ -230,7 +241,7 @@ def test_placement_error_states_needed_and_available_memory(plugins):
 def test_placement_error_when_no_node_runs_the_backend(plugins):
     with pytest.raises(PlacementError, match="no backend can run fake-model: fake: no live node runs it"):
         place(plugins, [make_node("a", 100, backends=())], backend="fake")
-    with pytest.raises(PlacementError, match=r"nope: not installed \(registered backends: fake, fake-whole\)"):
+    with pytest.raises(PlacementError, match=r"nope: not installed \(registered backends: fake, fake-whole, fake-slow-blocks\)"):
         place(plugins, [make_node("a", 100)], backend="nope")
 
 

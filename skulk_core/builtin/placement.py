@@ -7,11 +7,12 @@ needs comes from its backend's estimate (weights for its layers, KV cache for th
 and sequences, runtime overhead). It runs last, so any other placement plugin can take precedence.
 
 What is split is the work of a token, not the layer count: the last stage also runs the output head
-(vocabulary x hidden), which in a small model costs as much as several blocks (eight in
-SmolLM2-135M), and a pipeline runs at the pace of its slowest stage. The head counts as
-``head_flops / block_flops`` blocks, so two equal nodes split a 30-layer SmolLM2 as 19 + 11 + head
-rather than 15 + 15 + head. When that split does not fit a node's memory, the plain layer split is
-tried before the node count grows.
+(vocabulary x hidden), which in a small model costs as much as several blocks, and a pipeline runs
+at the pace of its slowest stage. The head counts as ``head_flops / block_flops`` blocks, the
+blocks' cost raised by the backend's ``block_overhead`` (what a block costs beyond its matmuls):
+SmolLM2-135M's head has the MACs of 8 blocks and costs the torch backend 6, so two equal nodes get
+18 and 12 + head layers rather than 15 and 15 + head. When that split does not fit a node's memory,
+the plain layer split is tried before the node count grows.
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ def split_work(n_layers: int, head_blocks: float, weights: Sequence[int]) -> lis
     return ranges
 
 
-def head_blocks(card: ModelCard) -> float:
-    """The output head's work per token, in blocks of this model."""
-    block = card.block_flops()
+def head_blocks(card: ModelCard, block_overhead: float = 0.0) -> float:
+    """The output head's work per token, in blocks of this model on a backend whose blocks cost
+    ``block_overhead`` more than their matrix multiplications (``BackendCapabilities``)."""
+    block = card.block_flops() * (1 + block_overhead)
     return card.head_flops() / block if block > 0 else 0.0
 
 
@@ -142,7 +144,7 @@ def _plans(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest
         )
         yield request.min_nodes, None, f"{request.min_nodes} node(s) requested but {why}"
         return
-    head = head_blocks(card)
+    head = head_blocks(card, backend.capabilities.block_overhead)
     for count in range(max(request.min_nodes, 1), most + 1):
         chosen = candidates[:count]
         memory = [n.resources.usable_memory for n in chosen]

@@ -30,7 +30,15 @@ class FakeWholeModelBackend(FakeBackend):
     capabilities = BackendCapabilities(formats={"gguf"}, layer_ranges=False, devices=("cpu",))
 
 
+class FakeSlowBlocksBackend(FakeBackend):
+    """Like ``fake``, but its blocks cost it twice their matrix multiplications (for placement)."""
+
+    name = "fake-slow-blocks"
+    capabilities = BackendCapabilities(formats={"gguf"}, layer_ranges=True, devices=("cpu",), block_overhead=1.0)
+
+
 @hookimpl
 def skulk_register_backends(registry):  # type: ignore[no-untyped-def]
     registry.add("fake", FakeBackend)
     registry.add("fake-whole", FakeWholeModelBackend)
+    registry.add("fake-slow-blocks", FakeSlowBlocksBackend)

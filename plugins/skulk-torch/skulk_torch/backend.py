@@ -49,6 +49,10 @@ log = logging.getLogger("skulk.torch")
 # torch runtime (its libraries and allocator, about 250 MiB resident after the first matrix
 # products) plus slack for the allocator's caching.
 RUNTIME_OVERHEAD_BYTES = 320 * 1024**2
+# A block's cost beyond its matmuls, for placement (see BackendCapabilities.block_overhead):
+# SmolLM2-135M on a CPU thread, 2 sequences a step, interleaved medians: a block 1.74-1.83 ms, the
+# final norm and head 10.4-10.5 ms, so the head is worth 6 blocks where its MACs are worth 8.
+BLOCK_OVERHEAD = 1 / 3
 # The first stage's tokenizer: its vocabulary, pieces and (llama.cpp route) native tables; the
 # default model's 49k-token vocabulary measured 53 MiB (llama.cpp) and 84 MiB (tokenizers).
 TOKENIZER_BYTES = 128 * 1024**2
@@ -74,6 +78,7 @@ class TorchBackend:
             devices=detect_devices(),
             batching=True,
             architectures=ARCHITECTURES,
+            block_overhead=BLOCK_OVERHEAD,
         )
 
     def supports(self, card: ModelCard) -> str | None:
