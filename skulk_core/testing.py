@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -32,10 +33,43 @@ from skulk_core.node import Node, build_node
 from skulk_core.plugins import PluginSelection, Plugins, make_plugin_manager
 
 
+_HANDED_OUT: set[int] = set()  # ports this process returned, which their servers may not have bound yet
+
+
 def find_free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A TCP port nothing listens on at ``host``, below the kernel's ephemeral port range.
+
+    ``bind(0)`` picks from the ephemeral range, the same range the kernel takes outgoing
+    connections' source ports from, so between this call and the server's own bind another
+    connection can take the port (seen when five nodes dial each other as they start). Ports below
+    the range are only ever taken by an explicit bind. Random, so two test processes rarely pick the
+    same one, and never the same port twice in one process.
+    """
+    first, last = _listening_ports()
+    chooser = random.SystemRandom()
+    for _ in range(200):
+        port = chooser.randrange(first, last)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a crowded range: the kernel's pick
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _listening_ports() -> tuple[int, int]:
+    """[first, last) of the ports worth choosing from: the third below the ephemeral range's start."""
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768 if sys.platform.startswith("linux") else 49152  # the usual defaults
+    return max(1024, ephemeral // 3), max(1025, ephemeral)
 
 
 def start_node_in_thread(
