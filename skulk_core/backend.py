@@ -23,6 +23,8 @@ from skulk_core.tensor import Tensor
 if TYPE_CHECKING:
     import numpy as np
 
+    from skulk_core.sampling import SampledToken
+
 
 @frozen
 class BackendCapabilities:
@@ -80,11 +82,15 @@ class SequenceChunk:
 
 @frozen
 class StageOutput:
-    """What one stage produced for one chunk: ``hidden`` (not last stage) or ``logits`` (last)."""
+    """What one stage produced for one chunk: ``hidden`` (not last stage) or ``logits`` (last).
+
+    A chain whose last stage samples (see :mod:`skulk_core.instances`) gives ``sampled`` instead
+    of ``logits``: the token, drawn there by the request's own seeded sampler."""
 
     request_id: str
     hidden: Tensor | None = None
     logits: np.ndarray | None = field(default=None, eq=False, repr=False)  # float32, (vocab_size,)
+    sampled: SampledToken | None = None
 
 
 @runtime_checkable

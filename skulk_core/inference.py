@@ -25,7 +25,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 from attrs import define, field, frozen
 
-from skulk_core.backend import SequenceChunk, Tokenizer
+from skulk_core.backend import SequenceChunk, StageOutput, Tokenizer
 from skulk_core.chat import render_chat
 from skulk_core.constraints import JsonObjectConstraint, TokenConstraint, TokenTexts
 from skulk_core.errors import ModelError, PlacementError, RequestError, SkulkError, TransportError
@@ -216,7 +216,7 @@ class InstanceRunner:
         """Stream ``request``'s chunks; closing the iterator early frees the sequence."""
         self.check(request)
         send, receive = anyio.create_memory_object_stream[GenerationChunk | BaseException](math.inf)
-        live = _Live(request, Sampler(request.sampling, self._constraint(request)), TextAssembler(request.stop), send, time.monotonic())
+        live = _Live(request, Sampler(request.sampling, self._constraint(request), logprobs=request.logprobs), TextAssembler(request.stop), send, time.monotonic())
         self._waiting.append(live)
         self._wake.set()
         try:
@@ -310,7 +310,7 @@ class InstanceRunner:
         if not batch:
             return
         try:
-            outputs = await self.chain.step(batch)
+            outputs = await self.chain.step(batch, {live.request.request_id: live.sampler for live in members})
         except Exception as exc:
             log.exception("step of %s failed for %d requests", self.model_id, len(batch))
             if isinstance(exc, (TransportError, InstanceLostError)):
@@ -327,19 +327,23 @@ class InstanceRunner:
         self.steps += 1
         for live, chunk, output in zip(members, batch, outputs):
             live.position += chunk.length
-            if live.prefilling or output.logits is None or live.cancelled:
+            if live.prefilling or live.cancelled or (output.logits is None and output.sampled is None):
                 continue
-            self._advance(live, output.logits)
+            self._advance(live, output)
         for live in members:
             if live.finished and live.request.request_id in lane:
                 del lane[live.request.request_id]
                 live.send.close()
                 await self.chain.release(live.request.request_id)
 
-    def _advance(self, live: _Live, logits: Any) -> None:
+    def _advance(self, live: _Live, output: StageOutput) -> None:
         request = live.request
         try:
-            sampled = live.sampler.sample(logits, want_logprobs=request.logprobs)
+            if output.sampled is not None:  # the pipeline's last stage sampled it, with this request's seed
+                sampled = output.sampled
+                live.sampler.observe(sampled.token_id)
+            else:
+                sampled = live.sampler.sample(output.logits, want_logprobs=request.logprobs)
         except SkulkError as exc:  # this request cannot go on (its constraint allows no token)
             log.error("%s: %s", request.request_id, exc)
             with suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):

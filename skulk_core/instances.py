@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from skulk_core.cluster.messages import (
     Command,
     CommandReply,
     GenerateForward,
+    RemoteSampling,
     StageForward,
     StageRelease,
     StageReport,
@@ -56,6 +57,7 @@ from skulk_core.inference import (
 )
 from skulk_core.model import ModelCard
 from skulk_core.placement import PlacementRequest
+from skulk_core.sampling import SampledToken, Sampler
 from skulk_core.tensor import Tensor
 
 if TYPE_CHECKING:
@@ -77,6 +79,7 @@ class LocalStage:
     scope: anyio.CancelScope = field(factory=anyio.CancelScope)
     lock: anyio.Lock = field(factory=lambda: anyio.Lock(fast_acquire=True))  # one step at a time through the engine
     inbox: Any = None  # memory stream of remote work, in arrival order
+    samplers: dict[str, tuple[Sampler, bool]] = field(factory=dict)  # last stage: request id -> (sampler, logprobs)
 
     @property
     def instance_id(self) -> str:
@@ -99,6 +102,7 @@ class DistributedChain:
         self.stage = stage
         self.record = stage.instance
         self.stages = self.record.placement.stages
+        self._sampled_remotely: set[str] = set()  # requests whose last stage holds their sampler
 
     @property
     def head(self) -> Engine:
@@ -109,7 +113,7 @@ class DistributedChain:
     def lock(self) -> anyio.Lock:
         return self.stage.lock
 
-    async def step(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]:
+    async def step(self, batch: Sequence[SequenceChunk], samplers: Mapping[str, Sampler] | None = None) -> list[StageOutput]:
         async with self.stage.lock:
             outputs = await self.head.step(batch)
         if len(self.stages) == 1:
@@ -119,7 +123,9 @@ class DistributedChain:
         pending = _PendingStep(frozenset(s.node_id for s in self.stages[1:]))
         self.instances.pending[step_id] = pending
         try:
-            forward = StageForward(self.record.instance_id, step_id, self.instances.node.node_id, 1, chunks)
+            forward = StageForward(
+                self.record.instance_id, step_id, self.instances.node.node_id, 1, chunks, self._remote_samplers(batch, samplers or {})
+            )
             if any(not self.instances.node.cluster.is_alive(n) for n in pending.nodes):
                 raise TransportError("a stage's node is gone")
             if not await self.instances.node.cluster.send_to(self.stages[1].node_id, forward):
@@ -135,15 +141,34 @@ class DistributedChain:
         assert pending.result is not None
         if pending.result.error is not None:
             raise BackendError(f"a stage of {self.record.model_id} failed: {pending.result.error}")
-        return [StageOutput(o.request_id, logits=None if o.logits is None else o.logits.to_numpy()) for o in pending.result.outputs]
+        return [_stage_output(o) for o in pending.result.outputs]
+
+    def _remote_samplers(self, batch: Sequence[SequenceChunk], samplers: Mapping[str, Sampler]) -> tuple[RemoteSampling, ...]:
+        """Samplers to start at the last stage: those of requests new to this pipeline. A request
+        under a constraint (JSON mode) is sampled here, where its tokenizer is."""
+        started = []
+        for chunk in batch:
+            sampler = samplers.get(chunk.request_id)
+            if sampler is None or sampler.constraint is not None or chunk.request_id in self._sampled_remotely:
+                continue
+            self._sampled_remotely.add(chunk.request_id)
+            started.append(RemoteSampling(chunk.request_id, sampler.resolved_params, sampler.logprobs))
+        return tuple(started)
 
     async def release(self, request_id: str) -> None:
+        self._sampled_remotely.discard(request_id)
         await self.head.release(request_id)
         for stage in self.stages[1:]:
             await self.instances.node.cluster.send_to(stage.node_id, StageRelease(self.record.instance_id, request_id))
 
     async def close(self) -> None:
         pass  # the engine belongs to the LocalStage, closed when the stage is unloaded
+
+
+def _stage_output(output: WireOutput) -> StageOutput:
+    if output.token is not None:
+        return StageOutput(output.request_id, sampled=SampledToken(output.token, output.logprob, output.top))
+    return StageOutput(output.request_id, logits=None if output.logits is None else output.logits.to_numpy())
 
 
 @define(eq=False)
@@ -430,16 +455,32 @@ class Instances:
                     continue
                 if local.index + 1 < len(stages):
                     chunks = tuple(evolve(c, tokens=None, hidden=o.hidden) for c, o in zip(forward.chunks, outputs))
-                    nxt = StageForward(record.instance_id, forward.step_id, forward.origin, local.index + 1, chunks)
+                    nxt = StageForward(record.instance_id, forward.step_id, forward.origin, local.index + 1, chunks, forward.samplers)
                     if not await self.node.cluster.send_to(stages[local.index + 1].node_id, nxt):
                         await self.node.cluster.send_to(forward.origin, StageResult(record.instance_id, forward.step_id, error=f"stage {local.index + 1} is unreachable"))
                 else:
-                    result = StageResult(
-                        record.instance_id,
-                        forward.step_id,
-                        tuple(WireOutput(o.request_id, None if o.logits is None else Tensor.from_numpy(o.logits)) for o in outputs),
-                    )
-                    await self.node.cluster.send_to(forward.origin, result)
+                    try:
+                        wire = tuple(self._last_stage_output(local, forward, o) for o in outputs)
+                    except Exception as exc:  # a sampler refused (its parameters were checked at the head)
+                        log.exception("stage %d of %s failed to sample", local.index, record.model_id)
+                        await self.node.cluster.send_to(forward.origin, StageResult(record.instance_id, forward.step_id, error=str(exc)))
+                        continue
+                    await self.node.cluster.send_to(forward.origin, StageResult(record.instance_id, forward.step_id, wire))
+
+    @staticmethod
+    def _last_stage_output(local: LocalStage, forward: StageForward, output: StageOutput) -> WireOutput:
+        """Sample here for a request whose sampler the head started here; else send the logits."""
+        for spec in forward.samplers:
+            if spec.request_id not in local.samplers:
+                local.samplers[spec.request_id] = (Sampler(spec.params), spec.logprobs)
+        if output.logits is None:
+            return WireOutput(output.request_id)
+        entry = local.samplers.get(output.request_id)
+        if entry is None:
+            return WireOutput(output.request_id, Tensor.from_numpy(output.logits))
+        sampler, logprobs = entry
+        sampled = sampler.sample(output.logits, want_logprobs=logprobs)
+        return WireOutput(output.request_id, token=sampled.token_id, logprob=sampled.logprob, top=sampled.top)
 
     async def _on_stage_forward(self, peer_id: str, forward: StageForward) -> None:
         local = self.stages.get(forward.instance_id)
@@ -459,6 +500,8 @@ class Instances:
 
     async def _on_stage_release(self, peer_id: str, release: StageRelease) -> None:
         local = self.stages.get(release.instance_id)
+        if local is not None:
+            local.samplers.pop(release.request_id, None)
         if local is not None and local.engine is not None:
             async with local.lock:
                 await local.engine.release(release.request_id)

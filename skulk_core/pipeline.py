@@ -7,8 +7,8 @@ in this process one after another, handing each stage's activations to the next.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 from attrs import evolve
@@ -16,10 +16,17 @@ from attrs import evolve
 from skulk_core.backend import Engine, SequenceChunk, StageOutput
 from skulk_core.errors import BackendError
 
+if TYPE_CHECKING:
+    from skulk_core.sampling import Sampler
+
 
 class StageChain(Protocol):
-    async def step(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]:
-        """Run token chunks through every stage; the outputs carry the last stage's logits."""
+    async def step(self, batch: Sequence[SequenceChunk], samplers: Mapping[str, Sampler] | None = None) -> list[StageOutput]:
+        """Run token chunks through every stage; the outputs carry the last stage's logits.
+
+        ``samplers`` are the requests' own samplers: a chain whose last stage is elsewhere may
+        sample there with a copy (same parameters and seed) and return ``sampled`` tokens instead
+        of logits, which then never cross the network."""
 
     async def release(self, request_id: str) -> None: ...
 
@@ -41,7 +48,7 @@ class LocalChain:
     def head(self) -> Engine:
         return self.engines[0]
 
-    async def step(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]:
+    async def step(self, batch: Sequence[SequenceChunk], samplers: Mapping[str, Sampler] | None = None) -> list[StageOutput]:
         async with self.lock:
             chunks = list(batch)
             outputs: list[StageOutput] = []

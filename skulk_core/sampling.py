@@ -20,6 +20,7 @@ import os
 from collections import Counter
 from collections.abc import Mapping
 
+import attrs
 import numpy as np
 from attrs import field, frozen
 
@@ -76,11 +77,14 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 class Sampler:
     """Samples one request's tokens; holds its seeded generator and the counts for penalties."""
 
-    def __init__(self, params: SamplingParams, constraint: TokenConstraint | None = None) -> None:
+    def __init__(self, params: SamplingParams, constraint: TokenConstraint | None = None, *, logprobs: bool = False) -> None:
         self.params = params
         self.constraint = constraint
-        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
-        self._rng = np.random.Generator(np.random.PCG64(seed))
+        self.logprobs = logprobs  # the request wants its tokens' log-probabilities (a copy elsewhere needs to know)
+        # The seed in force: drawn when the request gave none, so that a sampler made elsewhere from
+        # ``resolved_params`` (the last stage of a pipeline) draws exactly the same tokens.
+        self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self._rng = np.random.Generator(np.random.PCG64(self.seed))
         self._counts: Counter[int] = Counter()
         self._bias: tuple[np.ndarray, np.ndarray] | None = None  # logit_bias as (ids, float32 values)
 
@@ -114,6 +118,16 @@ class Sampler:
             idx = idx[np.lexsort((idx, -logprobs[idx]))]
             top = tuple(TokenLogprob(int(i), float(logprobs[i])) for i in idx)
         return SampledToken(token, float(logprobs[token]), top)
+
+    @property
+    def resolved_params(self) -> SamplingParams:
+        """These parameters with the seed in force."""
+        return attrs.evolve(self.params, seed=self.seed)
+
+    def observe(self, token: int) -> None:
+        """Count a token sampled elsewhere from these parameters (by a copy of this sampler at the
+        last stage of a pipeline), so penalties and the constraint here stay in step."""
+        self._taken(token)
 
     def _taken(self, token: int) -> None:
         self._counts[token] += 1

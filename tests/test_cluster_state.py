@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import anyio
 import msgpack
 import pytest
 
@@ -133,3 +134,49 @@ def test_candidate_order_force_then_seniority_then_id() -> None:
     assert choose_candidate([Candidate("b", 1.0), Candidate("a", 1.0)]).node_id == "a"
     assert choose_candidate([Candidate("b", 9.0), Candidate("a", 1.0)]).node_id == "b"
     assert choose_candidate([Candidate("b", 9.0), Candidate("z", 0.1, True)]).node_id == "z"
+
+
+def test_compute_plane_messages_survive_the_wire_with_samplers_and_sampled_tokens() -> None:
+    import numpy as np
+
+    from skulk_core.backend import SequenceChunk
+    from skulk_core.cluster.messages import RemoteSampling, StageForward, StageResult, WireOutput
+    from skulk_core.sampling import SamplingParams, TokenLogprob
+    from skulk_core.tensor import Tensor
+
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=1234, logit_bias={5: -100.0, 7: 2.5}, top_logprobs=2)
+    hidden = Tensor.from_numpy(np.arange(12, dtype=np.float32).reshape(2, 6))
+    forward = StageForward("i1", "s1", "head", 1, (SequenceChunk("r1", 3, hidden=hidden),), (RemoteSampling("r1", params, True),))
+    back = decode(encode(forward))
+    assert back.samplers == forward.samplers and back.samplers[0].params.logit_bias == {5: -100.0, 7: 2.5}
+    assert back.chunks[0].hidden.to_numpy().tolist() == hidden.to_numpy().tolist()
+    result = StageResult("i1", "s1", (WireOutput("r1", token=42, logprob=-0.5, top=(TokenLogprob(42, -0.5), TokenLogprob(3, -1.25))),))
+    assert decode(encode(result)) == result
+
+
+def test_the_last_stage_samples_requests_the_head_started_there_and_sends_logits_for_others() -> None:
+    import numpy as np
+
+    from skulk_core.backend import SequenceChunk, StageOutput
+    from skulk_core.cluster.messages import RemoteSampling, StageForward
+    from skulk_core.instances import Instances, LocalStage
+    from skulk_core.sampling import Sampler, SamplingParams
+
+    record = InstanceRecord("i1", "m", Placement("i1", "m", [StageAssignment("a", ShardRange(0, 30, 30), "torch")]), PlacementRequest("m"), CARD)
+    async def made_in_a_loop() -> LocalStage:  # its lock and cancel scope belong to an event loop
+        return LocalStage(record, 1)
+
+    local = anyio.run(made_in_a_loop)
+    logits = np.random.default_rng(0).standard_normal(64).astype(np.float32)
+    params = SamplingParams(temperature=0.7, seed=99, top_logprobs=2)
+    forward = StageForward("i1", "s1", "head", 1, (SequenceChunk("r1", 0, (1,)), SequenceChunk("r2", 0, (1,))), (RemoteSampling("r1", params, True),))
+    sampled = Instances._last_stage_output(local, forward, StageOutput("r1", logits=logits))
+    plain = Instances._last_stage_output(local, forward, StageOutput("r2", logits=logits))
+    # r1: the token a sampler with the same parameters and seed draws at the head, with its logprobs
+    expected = Sampler(params).sample(logits, want_logprobs=True)
+    assert (sampled.token, sampled.logprob, sampled.top) == (expected.token_id, expected.logprob, expected.top)
+    assert sampled.logits is None and len(sampled.top) == 2
+    # r2 has no sampler there: its logits go back as they are
+    assert plain.token is None and plain.logits.to_numpy().tolist() == logits.tolist()
+    # the sampler lives on for the request's next steps, and goes with its release
+    assert set(local.samplers) == {"r1"}

@@ -85,6 +85,17 @@ def greedy(node: SkulkProcess, model: str = MODEL, max_tokens: int = 16) -> str:
     return reply.choices[0].message.content or ""
 
 
+def seeded(node: SkulkProcess, model: str = MODEL) -> tuple[str, list[tuple[int, ...]]]:
+    """A sampled (not greedy) answer with log-probabilities: (text, per token its top-3 token bytes)."""
+    client = openai.OpenAI(base_url=node.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Tell me about foxes."}], max_tokens=12,
+        temperature=0.9, top_p=0.95, seed=31337, logprobs=True, top_logprobs=3,
+    )  # fmt: skip
+    content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+    return reply.choices[0].message.content or "", [tuple(b for t in c.top_logprobs for b in (t.bytes or [])) for c in content]
+
+
 def node_ids(nodes: Sequence[SkulkProcess]) -> dict[str, SkulkProcess]:
     return {n.get("/node_id"): n for n in nodes}  # type: ignore[misc]
 
@@ -100,7 +111,7 @@ def split_in_two(nodes: Sequence[SkulkProcess]) -> tuple[SkulkProcess, SkulkProc
 
 def test_split_one_two_and_three_ways_gives_the_same_greedy_tokens(skulk_process: Callable[..., SkulkProcess]) -> None:
     nodes = start_cluster(skulk_process, 3)
-    texts = {}
+    texts, sampled = {}, {}
     for ways in (1, 2, 3):
         instance = place(nodes[0], MODEL, ways)
         assert len(instance["stages"]) == ways
@@ -111,10 +122,15 @@ def test_split_one_two_and_three_ways_gives_the_same_greedy_tokens(skulk_process
         answers = {greedy(node) for node in nodes}
         assert len(answers) == 1, answers
         texts[ways] = answers.pop()
+        # seeded sampling with log-probabilities: drawn at the last stage when split, at the head
+        # when whole, with the same seed, so the same tokens and the same alternatives
+        sampled[ways] = seeded(nodes[-1])
         call(nodes[0], "DELETE", f"/instance/{instance['instance_id']}")
         nodes[0].wait_for(lambda: all(not n.get("/state")["instances"] for n in nodes), 20, "instance removed")  # type: ignore[index]
     assert texts[1] == texts[2] == texts[3], texts
     assert texts[1].strip()
+    assert sampled[1] == sampled[2] == sampled[3], sampled
+    assert sampled[1][0].strip() and len(sampled[1][1]) > 3
 
 
 def test_a_model_over_one_nodes_memory_limit_is_placed_over_two(skulk_process: Callable[..., SkulkProcess], tmp_path: Path) -> None:

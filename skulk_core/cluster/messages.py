@@ -10,6 +10,7 @@ from skulk_core.backend import SequenceChunk
 from skulk_core.cluster.state import ClusterState, LogEntry
 from skulk_core.inference import GenerationChunk, GenerationRequest
 from skulk_core.placement import NodeResources
+from skulk_core.sampling import SamplingParams, TokenLogprob
 from skulk_core.tensor import Tensor
 from skulk_core.wire import message
 
@@ -108,6 +109,16 @@ class StageReport:
 # -- the compute plane: activations between stages ------------------------------------------------
 
 
+@frozen
+class RemoteSampling:
+    """Sample ``request_id``'s tokens at the last stage, with these parameters (the seed resolved),
+    from its next step on; only the sampled tokens travel back, not the logits."""
+
+    request_id: str
+    params: SamplingParams
+    logprobs: bool = False
+
+
 @message("stage_forward")
 @frozen
 class StageForward:
@@ -119,6 +130,7 @@ class StageForward:
     origin: str
     stage_index: int
     chunks: tuple[SequenceChunk, ...] = field(converter=tuple)
+    samplers: tuple[RemoteSampling, ...] = field(converter=tuple, factory=tuple)  # passed on to the last stage
 
 
 @message("stage_result")
@@ -132,8 +144,14 @@ class StageResult:
 
 @frozen
 class WireOutput:
+    """One chunk's result from the last stage: its logits, or (for a request sampled there) the
+    token it sampled, with the log-probabilities asked for."""
+
     request_id: str
     logits: Tensor | None = None
+    token: int | None = None
+    logprob: float = 0.0
+    top: tuple[TokenLogprob, ...] = field(converter=tuple, factory=tuple)
 
 
 @message("stage_release")
