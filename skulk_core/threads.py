@@ -57,6 +57,17 @@ class EngineThread:
     def closed(self) -> bool:
         return self._closed
 
+    async def run_last(self, func: Callable[[], object]) -> None:
+        """Run ``func`` after the calls already queued, as the last call, then close; nothing if
+        closed already (an engine's ``close``, safe to call twice). Shielded: it always finishes."""
+        if self._closed:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.run(func)
+            finally:
+                self.close()
+
     def close(self) -> None:
         """Let the thread end once the calls already queued have run (never blocks)."""
         if not self._closed:

@@ -113,3 +113,16 @@ def test_falls_back_to_anyio_threads_off_asyncio():
         return await EngineThread("engine test").run(lambda: threading.current_thread().name)
 
     assert anyio.run(main, backend="trio") != "engine test"  # anyio's worker thread ran it
+
+
+@pytest.mark.anyio
+async def test_run_last_runs_after_the_queue_then_closes_and_is_a_no_op_after():
+    worker = EngineThread("engine test")
+    order: list[str] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run, lambda: order.append("step"))
+        await anyio.sleep(0)
+        await worker.run_last(lambda: order.append("close"))
+    assert order == ["step", "close"] and worker.closed
+    await worker.run_last(lambda: order.append("again"))  # closed already: nothing runs
+    assert order == ["step", "close"]

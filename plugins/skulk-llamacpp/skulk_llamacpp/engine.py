@@ -357,13 +357,7 @@ class LlamaCppEngine:
 
     async def close(self) -> None:
         """Free both contexts, the batches and the model. Safe to call twice."""
-        if self._thread.closed:
-            return
-        with anyio.CancelScope(shield=True):
-            try:
-                await self._thread.run(self._close)
-            finally:
-                self._thread.close()
+        await self._thread.run_last(self._close)
 
     def _close(self) -> None:
         with self._lock, self._embed_lock:

@@ -16,7 +16,6 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import anyio
 import numpy as np
 from attrs import define
 
@@ -256,13 +255,7 @@ class TorchEngine:
 
     async def close(self) -> None:
         """Free the weights, caches and tokenizer. Safe to call twice."""
-        if self._thread.closed:
-            return
-        with anyio.CancelScope(shield=True):
-            try:
-                await self._thread.run(self._close)
-            finally:
-                self._thread.close()
+        await self._thread.run_last(self._close)
 
     def _close(self) -> None:
         with self._lock:
