@@ -11,14 +11,16 @@ positions is a prefill, a chunk holding one is a decode step; an engine may get 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 from attrs import field, frozen
 
 from skulk_core.model import ModelCard, ModelFiles
 from skulk_core.placement import ShardRange
 from skulk_core.tensor import Tensor
+
+S = TypeVar("S")  # a backend's settings class
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,6 +56,18 @@ class EngineOptions:
     threads: int | None = None  # None: the backend's default
     device: str | None = None  # None: the best device the backend finds
     settings: object | None = None
+
+    def settings_as(self, cls: type[S], section: str) -> S:
+        """``settings`` as the backend's section class ``cls`` (its config section ``section``):
+        None gives the defaults, a mapping is taken as the section's fields."""
+        value = self.settings
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            return cls(**dict(value))
+        raise TypeError(f"{section} settings must be a {cls.__name__} or a mapping, got {type(value).__name__}")
 
 
 @frozen

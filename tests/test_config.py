@@ -321,3 +321,19 @@ def test_parse_size(text, size):
 def test_parse_size_rejects_nonsense():
     with pytest.raises(ValueError, match="is not a size"):
         parse_size("eight gigs")
+
+
+def test_engine_options_give_a_backends_section_back_as_its_class():
+    import attrs
+
+    from skulk_core import EngineOptions
+
+    @attrs.frozen
+    class Mine:
+        depth: int = 2
+
+    assert EngineOptions(16).settings_as(Mine, "mine") == Mine()
+    assert EngineOptions(16, settings=Mine(5)).settings_as(Mine, "mine") == Mine(5)
+    assert EngineOptions(16, settings={"depth": 7}).settings_as(Mine, "mine") == Mine(7)
+    with pytest.raises(TypeError, match="mine settings must be a Mine or a mapping, got int"):
+        EngineOptions(16, settings=3).settings_as(Mine, "mine")

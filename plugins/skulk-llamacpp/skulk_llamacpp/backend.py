@@ -52,7 +52,7 @@ class LlamaCppBackend:
         says); the KV cache is reserved up front for every sequence, at the configured cache type
         (f16: 2 bytes a value); the overhead is a constant (see ``RUNTIME_OVERHEAD_BYTES``).
         """
-        settings = LlamaCppSettings.coerce(options.settings)
+        settings = options.settings_as(LlamaCppSettings, "llamacpp")
         per_token = card.kv_bytes_per_token(bytes_per_value=1) * settings.kv_bytes_per_value
         kv_cache = math.ceil(per_token * options.context_length * options.max_sequences)
         return card.bytes_on_disk + kv_cache + RUNTIME_OVERHEAD_BYTES
@@ -86,7 +86,7 @@ class LlamaCppBackend:
         if options.context_length < 1 or options.max_sequences < 1:
             raise BackendError("context_length and max_sequences must both be at least 1")
         try:
-            settings = LlamaCppSettings.coerce(options.settings)
+            settings = options.settings_as(LlamaCppSettings, "llamacpp")
         except (TypeError, ValueError) as exc:
             raise BackendError(f"invalid llamacpp settings: {exc}") from exc
 

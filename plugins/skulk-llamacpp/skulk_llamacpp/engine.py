@@ -377,7 +377,7 @@ class LlamaCppEngine:
 
 def load_engine(card: ModelCard, files: ModelFiles, shard: ShardRange, options: EngineOptions) -> LlamaCppEngine:
     """Load ``files`` into a ready engine (blocking: the backend calls it in a worker thread)."""
-    settings = LlamaCppSettings.coerce(options.settings)
+    settings = options.settings_as(LlamaCppSettings, "llamacpp")
     model = LoadedModel(files.primary, settings)
     try:
         if options.context_length > model.n_ctx_train:

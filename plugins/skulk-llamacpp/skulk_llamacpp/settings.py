@@ -7,8 +7,6 @@ a test), the defaults below apply.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import attrs
 from attrs import field, frozen
 
@@ -59,14 +57,3 @@ class LlamaCppSettings:
     @property
     def kv_bytes_per_value(self) -> float:
         return KV_CACHE_BYTES_PER_VALUE[self.kv_cache_type]
-
-    @classmethod
-    def coerce(cls, value: object) -> LlamaCppSettings:
-        """The settings an engine was given: None means defaults; a mapping is taken as the section."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, Mapping):
-            return cls(**dict(value))
-        raise TypeError(f"llamacpp settings must be a LlamaCppSettings or a mapping, got {type(value).__name__}")

@@ -110,7 +110,7 @@ class TorchBackend:
         :func:`config_from_card`).
         """
         config = _shape_for(card)
-        settings = TorchSettings.coerce(options.settings)
+        settings = options.settings_as(TorchSettings, "torch")
         device = options.device or self.capabilities.devices[0]
         element = 4 if resolve_dtype_name(settings.dtype, device) == "float32" else 2
         layers = shard.layer_count
@@ -144,7 +144,7 @@ class TorchBackend:
         if options.threads is not None and options.threads < 1:
             raise BackendError(f"threads must be at least 1, got {options.threads}")
         try:
-            settings = TorchSettings.coerce(options.settings)
+            settings = options.settings_as(TorchSettings, "torch")
         except (TypeError, ValueError) as exc:
             raise BackendError(f"invalid torch settings: {exc}") from exc
         options = attrs.evolve(options, settings=settings)
@@ -166,7 +166,7 @@ def load_engine(card: ModelCard, files: ModelFiles, shard: ShardRange, options: 
     from skulk_torch.engine import TorchEngine
     from skulk_torch.tokenizer import load_tokenizer
 
-    settings = TorchSettings.coerce(options.settings)
+    settings = options.settings_as(TorchSettings, "torch")
     device = _torch_device(options.device)
     dtype = getattr(torch, resolve_dtype_name(settings.dtype, device.type))
     threads = options.threads or torch.get_num_threads()

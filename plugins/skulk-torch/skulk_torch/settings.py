@@ -6,7 +6,7 @@ as ``EngineOptions.settings``; when it is None (no config, a test), the defaults
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import attrs
 from attrs import field, frozen
@@ -38,14 +38,3 @@ class TorchSettings:
 
     dtype: str = field(default="auto", validator=_one_of(DTYPES))
     tokenizer: str = field(default="auto", validator=_one_of(TOKENIZERS))
-
-    @classmethod
-    def coerce(cls, value: object) -> TorchSettings:
-        """The settings an engine was given: None means defaults; a mapping is taken as the section."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, Mapping):
-            return cls(**dict(value))
-        raise TypeError(f"torch settings must be a TorchSettings or a mapping, got {type(value).__name__}")
