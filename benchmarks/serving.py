@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib.util
 import json
 import os
@@ -555,10 +556,59 @@ def cpu_seconds(pid: int | None) -> float | None:
     if pid is None:
         return None
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return _process_ticks(pid) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
+
+
+def thread_seconds(pid: int | None) -> tuple[float, float] | None:
+    """(the main thread's, all other threads') CPU seconds so far, from /proc (Linux)."""
+    if pid is None:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    main = rest = 0.0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                used = _stat_ticks(Path(f"/proc/{pid}/task/{tid}/stat")) / tick
+            except OSError:
+                continue  # the thread ended meanwhile
+            if int(tid) == pid:
+                main += used
+            else:
+                rest += used
+    except (OSError, IndexError, ValueError):
+        return None
+    return main, rest
+
+
+class StreamCpu:
+    """CPU that skulk's single streams cost, per generated token: the server's event loop (its main
+    thread: HTTP, the scheduler, sampling), its engine threads (llama.cpp's), and this process's
+    main thread, the benchmark's client. On a machine whose cores llama.cpp's threads already fill,
+    the loop's and the client's time is taken from them: it is the part of the decode gap to the
+    raw loop that no scheduler in the server can hide."""
+
+    def __init__(self) -> None:
+        self.loop = self.engine = self.client = 0.0
+        self.tokens = 0
+
+    def measure(self, pid: int | None, run: Callable[[], StreamResult]) -> StreamResult:
+        server0, client0 = thread_seconds(pid), thread_seconds(os.getpid())
+        result = run()
+        server1, client1 = thread_seconds(pid), thread_seconds(os.getpid())
+        if server0 and server1 and client0 and client1:
+            self.loop += server1[0] - server0[0]
+            self.engine += server1[1] - server0[1]
+            self.client += client1[0] - client0[0]
+            self.tokens += result.tokens
+        return result
+
+    def per_token_us(self) -> dict[str, int] | None:
+        if not self.tokens:
+            return None
+        used = {"loop": self.loop, "engine": self.engine, "client": self.client}
+        return {name: round(seconds / self.tokens * 1e6) for name, seconds in used.items()}
 
 
 def progress(quiet: bool, message: str) -> None:
@@ -573,8 +623,13 @@ def _machine_ticks() -> tuple[int, int]:
 
 
 def _process_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime of every thread, in the same ticks
+    return _stat_ticks(Path(f"/proc/{pid}/stat"))  # every thread's, in the same ticks
+
+
+def _stat_ticks(stat: Path) -> int:
+    """utime + stime from a /proc stat file (of a process or of one of its threads)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
 
 def cpu_busy(window: float = 0.5) -> float | None:
@@ -724,12 +779,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             budget=args.budget - (time.monotonic() - began),
         )
 
+        stream_cpu = StreamCpu()
         for round_index in range(args.runs):
             progress(quiet, f"single stream, round {round_index + 1}/{args.runs}")
             rate = measurer(lambda: raw.single(prompt, args.max_tokens, ban))
             samples["raw"].add("decode", rate, measurer.last_noisy)
             for server in _rotated(servers, round_index):
-                result = measurer(lambda: asyncio.run(single_stream(server.url, prompts.next())))
+                stream = functools.partial(_one_stream, server.url, prompts)
+                if server is skulk:  # and where its CPU went
+                    result = measurer(lambda: stream_cpu.measure(skulk.pid(), stream))
+                else:
+                    result = measurer(stream)
                 _check_complete(result, args.max_tokens, samples[server.name])
                 samples[server.name].add("decode", result.decode_rate, measurer.last_noisy)
                 samples[server.name].add("ttft", result.ttft, measurer.last_noisy)
@@ -750,6 +810,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     _check_complete(stream, args.max_tokens, samples[server.name])
                 samples[server.name].add("aggregate", result.aggregate_rate, measurer.last_noisy)
                 samples[server.name].add("worst_ttft", result.worst_ttft, measurer.last_noisy)
+        info["skulk_stream_cpu_us_per_token"] = stream_cpu.per_token_us()
         for server in servers:
             before, after = cpu_before[server.name], cpu_seconds(server.pid())
             used = round(after - before, 2) if before is not None and after is not None else None
@@ -779,6 +840,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "logs": str(workdir) if args.keep_logs else None,
     }
     return report
+
+
+def _one_stream(url: str, prompts: Prompts) -> StreamResult:
+    return asyncio.run(single_stream(url, prompts.next()))
 
 
 def _failed() -> bool:
@@ -908,6 +973,12 @@ def print_table(report: dict[str, Any]) -> None:
         f"raw {info.get('raw_prompt_tokens')}; "
         f"server CPU seconds while measured: skulk {info.get('skulk_cpu_s')}, peer {info.get('peer_cpu_s')}"
     )
+    cpu = info.get("skulk_stream_cpu_us_per_token")
+    if cpu:
+        print(
+            f"skulk's single streams, CPU a generated token: event loop {cpu['loop']} us, engine threads "
+            f"{cpu['engine']} us; the benchmark's client {cpu['client']} us (whole requests, /proc ticks)"
+        )
     m = report["machine"]
     print(
         f"load average before/after: {m['load_average_before']:.2f}/{m['load_average_after']:.2f} on {m['cpus']} CPUs; "
