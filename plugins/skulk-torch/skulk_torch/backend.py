@@ -97,7 +97,8 @@ class TorchBackend:
         - weights: the stage's blocks (parameters of a llama block, from the model's shape, times
           its layers), plus the token embedding on the first stage, plus the final norm and head
           on the last (the embedding again when the head is tied to it, unless the stage is also
-          the first), at the element size the stage computes in (4 bytes on a CPU, 2 on a GPU);
+          the first and its head is not packed for oneDNN), at the element size the stage computes
+          in (4 bytes on a CPU, 2 on a GPU);
         - KV cache: ``2 * layers * kv_heads * head_dim * element size`` per position, for
           ``context_length * max_sequences`` positions (the most the engine holds; it grows a
           request's cache as the request grows);
@@ -120,7 +121,7 @@ class TorchBackend:
             params += embedding
         if shard.is_last:
             params += config.hidden_size
-            if not (config.tied_embeddings and shard.is_first):
+            if not (config.tied_embeddings and shard.is_first) or _may_pack(settings, device, element):
                 params += embedding
         kv = 2 * layers * config.kv_size * element * options.context_length * options.max_sequences
         rows = STEP_ROWS
@@ -186,8 +187,8 @@ def load_engine(card: ModelCard, files: ModelFiles, shard: ShardRange, options: 
         tokenizer = tokenizer_future.result() if tokenizer_future is not None else None
     _return_freed_memory()
     log.info(
-        "%s layers [%d, %d) loaded on %s (%s) in %.2f s%s",
-        card.id, shard.start, shard.end, device, dtype, time.monotonic() - started,
+        "%s layers [%d, %d) loaded on %s (%s, %s matrices) in %.2f s%s",
+        card.id, shard.start, shard.end, device, dtype, model.layout, time.monotonic() - started,
         f", tokenizer: {tokenizer.route}" if tokenizer is not None else "",
     )
     return TorchEngine(card, shard, options, model, tokenizer, threads)
@@ -199,7 +200,7 @@ def _load_model(
     import torch
 
     from skulk_torch.checkpoint import open_checkpoint
-    from skulk_torch.model import load_stage
+    from skulk_torch.model import choose_layout, load_stage
 
     with open_checkpoint(path) as reader:
         config = reader.config
@@ -211,7 +212,16 @@ def _load_model(
                 card.id, options.context_length, config.context_length,
             )
         with torch.inference_mode():
-            return load_stage(reader, shard, device=device, dtype=dtype, context_length=options.context_length, threads=threads)
+            layout = choose_layout(device, dtype, options.settings_as(TorchSettings, "torch").cpu_matmul)
+            return load_stage(
+                reader, shard, device=device, dtype=dtype, context_length=options.context_length, threads=threads, layout=layout
+            )
+
+
+def _may_pack(settings: TorchSettings, device: str, element: int) -> bool:
+    """Whether a stage may pack its matrices for oneDNN (see ``choose_layout``), told without
+    importing torch: a float32 stage on an x86-64 CPU, unless ``cpu_matmul`` is ``blas``."""
+    return device == "cpu" and element == 4 and settings.cpu_matmul != "blas" and platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _return_freed_memory() -> None:

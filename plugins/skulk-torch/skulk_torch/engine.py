@@ -75,6 +75,7 @@ class TorchEngine:
         self.config = model.config
         self.device = model.device
         self.dtype = model.dtype
+        self.layout = model.layout  # how its matrices are held and multiplied (skulk_torch.model.LAYOUTS)
         self._sequences: dict[str, _Sequence] = {}
         self._lock = threading.Lock()
         self._thread = EngineThread(f"torch {card.id} [{shard.start}, {shard.end})")  # steps and releases, in order

@@ -13,6 +13,7 @@ from attrs import field, frozen
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 TOKENIZERS = ("auto", "llamacpp", "tokenizers")
+CPU_MATMULS = ("auto", "onednn", "blas")
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[object, attrs.Attribute, str], None]:
@@ -34,7 +35,14 @@ class TorchSettings:
       tokenizer (a vocabulary-only load through llama-cpp-python) when that is installed, else one
       built with the ``tokenizers`` library from the GGUF's vocabulary and merges. A safetensors
       model always uses its ``tokenizer.json`` through ``tokenizers``.
+    - ``cpu_matmul``: what multiplies float32 matrices on a CPU. ``onednn``: each matrix packed
+      once at load for oneDNN's matmul, whose products cost about the same for one row or several
+      (a batch of sequences, a prompt); ``blas``: torch's BLAS (MKL on x86-64) on transposed
+      matrices, the faster of the two for one row on some Intel CPUs. ``auto``: ``onednn`` where
+      this torch has it (x86-64), else ``blas``. A whole tied-embedding model packed for oneDNN
+      holds its embedding twice (once to look tokens up, once packed as the output head).
     """
 
     dtype: str = field(default="auto", validator=_one_of(DTYPES))
     tokenizer: str = field(default="auto", validator=_one_of(TOKENIZERS))
+    cpu_matmul: str = field(default="auto", validator=_one_of(CPU_MATMULS))

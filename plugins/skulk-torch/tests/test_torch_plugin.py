@@ -345,11 +345,22 @@ def _check_against_reference(engine: object, model: TinyModel, tolerance: float 
         np.testing.assert_allclose(logits, want, atol=tolerance * np.abs(want).max(), rtol=0)
 
 
+def _cpu_matmul(name: str) -> TorchSettings:
+    """The settings that multiply with ``name`` (skips ``onednn`` where this torch lacks it)."""
+    from skulk_torch.model import onednn_matmul_available
+
+    if name == "onednn" and not onednn_matmul_available():
+        pytest.skip("this torch cannot pack matrices for oneDNN here")
+    return TorchSettings(cpu_matmul=name)
+
+
+@pytest.mark.parametrize("cpu_matmul", ["onednn", "blas"])
 @pytest.mark.parametrize("arch, tied", [("llama", False), ("llama", True), ("qwen2", False)])
-def test_safetensors_model_matches_reference(tmp_path: Path, arch: str, tied: bool) -> None:
+def test_safetensors_model_matches_reference(tmp_path: Path, arch: str, tied: bool, cpu_matmul: str) -> None:
     model = make_tiny(arch, tied=tied)
-    engine = _load(write_safetensors(model, tmp_path / "model"))
+    engine = _load(write_safetensors(model, tmp_path / "model"), settings=_cpu_matmul(cpu_matmul))
     try:
+        assert engine.layout == {"onednn": "onednn", "blas": "transposed"}[cpu_matmul]
         assert isinstance(engine.tokenizer, Tokenizer)
         assert engine.tokenizer.encode("Hi<|im_end|>") == [72, 105, 258]
         assert engine.tokenizer.eos_token_ids == {256, 258} and engine.tokenizer.is_control(258)  # and <|endoftext|>
@@ -359,11 +370,12 @@ def test_safetensors_model_matches_reference(tmp_path: Path, arch: str, tied: bo
         anyio.run(engine.close)
 
 
+@pytest.mark.parametrize("cpu_matmul", ["onednn", "blas"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_gguf_model_matches_reference(tmp_path: Path, arch: str) -> None:
+def test_gguf_model_matches_reference(tmp_path: Path, arch: str, cpu_matmul: str) -> None:
     """The GGUF of the same weights (Q/K permuted for llama) gives the reference's logits."""
     model = make_tiny(arch)
-    engine = _load(write_gguf(model, tmp_path / "tiny.gguf"))
+    engine = _load(write_gguf(model, tmp_path / "tiny.gguf"), settings=_cpu_matmul(cpu_matmul))
     try:
         _check_against_reference(engine, model)
     finally:
@@ -421,6 +433,25 @@ def test_stages_of_a_tiny_model_chain_to_the_whole(tmp_path: Path) -> None:
     finally:
         for stage in stages:
             anyio.run(stage.close)
+
+
+def test_cpu_matmul_chooses_the_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from skulk_torch import model as model_module
+
+    with pytest.raises(ValueError, match="torch.cpu_matmul must be one of auto, onednn, blas"):
+        TorchSettings(cpu_matmul="mkl")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert model_module.choose_layout(cpu, torch.float32, "blas") == "transposed"
+    assert model_module.choose_layout(cpu, torch.bfloat16, "onednn") == "plain"  # half precision: never packed
+    assert model_module.choose_layout(cuda, torch.float32, "auto") == "plain"
+    monkeypatch.setattr(model_module, "_onednn_works", False)  # a torch without oneDNN's matmul
+    assert model_module.choose_layout(cpu, torch.float32, "auto") == "transposed"
+    with pytest.raises(BackendError, match="cannot pack float32 matrices for oneDNN"):
+        model_module.choose_layout(cpu, torch.float32, "onednn")
+    monkeypatch.setattr(model_module, "_onednn_works", True)
+    assert model_module.choose_layout(cpu, torch.float32, "auto") == "onednn"
 
 
 def test_limits_and_errors(tmp_path: Path) -> None:
