@@ -22,7 +22,10 @@ on an error or Ctrl-C.
 
 To say where the time goes, the script also computes each placement's layer ranges alone, chained
 in one process with one thread and no transport (the "breakdown"), and counts the CPU each node
-process, and every other process on the machine, used during each measurement.
+process, and every other process on the machine, used during each measurement. For the aggregate it
+also runs the 2-stage placement's stages at the same time, a process each, as they run when the
+pipeline is full: on one machine the stages share its memory bandwidth, which a pipeline over
+separate machines does not, and this line shows what that leaves as the best 2 stages can do here.
 
     .venv/bin/python benchmarks/pipeline.py [--only latency|aggregate|torch] [--tokens 64] [--runs 3] [--json]
 
@@ -539,6 +542,100 @@ def measure_stages(args: argparse.Namespace, placed: dict[int, Placed]) -> list[
     return list(json.loads(line.removeprefix("RESULT ")))
 
 
+PROMPT_POSITIONS = 24  # the lane children's prompt, about as long as the measured streams' chat prompt
+LANE_SECONDS = 2.0  # how long the stages of a 2-stage placement compute at once, for the breakdown
+
+
+def lane_child(job: dict[str, Any]) -> dict[str, Any]:
+    """One stage of a 2-stage placement in this process, 1 thread, decoding ``batch`` sequences step
+    after step while the other stage's process does the same: what each stage computes when the
+    pipeline is full, on a machine whose cores share one memory. Prints READY once loaded, starts
+    at the wall-clock instant the parent writes on stdin, and stops ``LANE_SECONDS`` later.
+
+    The first stage is fed a prompt of ``PROMPT_POSITIONS`` tokens and then one token a step; a later
+    stage is fed random activations (a step's time does not depend on the values).
+    """
+    import anyio
+    import numpy as np
+    import torch
+
+    from skulk_core import EngineOptions, ModelCard, ModelFiles, SequenceChunk, ShardRange, default_model_path
+    from skulk_core.tensor import Tensor
+    from skulk_torch.backend import TorchBackend
+
+    torch.set_num_threads(1)
+    path = default_model_path()
+    card = ModelCard.from_gguf(path)
+    start, end = job["layers"]
+    options = EngineOptions(context_length=CONTEXT, max_sequences=STREAMS, threads=1)
+    engine = anyio.run(TorchBackend().load, card, ModelFiles(card.id, "gguf", path), ShardRange(start, end, card.n_layers), options)
+    ids = [f"lane-{i}" for i in range(job["batch"])]
+    rng = np.random.default_rng(0)
+
+    def chunk(request_id: str, position: int, count: int, token: int = 0) -> SequenceChunk:
+        if start == 0:
+            return SequenceChunk(request_id, position, (token,) * count)
+        return SequenceChunk(request_id, position, hidden=Tensor.from_numpy(rng.standard_normal((count, card.hidden_size), dtype=np.float32)))
+
+    async def run() -> list[float]:
+        await engine.step([chunk(i, 0, PROMPT_POSITIONS, 1) for i in ids])
+        print("READY", flush=True)
+        begin = float(sys.stdin.readline())
+        await anyio.sleep(max(0.0, begin - time.time()))
+        times, position = [], PROMPT_POSITIONS
+        while time.time() < begin + LANE_SECONDS and position < CONTEXT:
+            batch = [chunk(i, position, 1, 1) for i in ids]  # built before the clock starts
+            t = time.perf_counter()
+            await engine.step(batch)
+            times.append(time.perf_counter() - t)
+            position += 1
+        await engine.close()
+        return times
+
+    times = anyio.run(run)
+    return {**job, "steps": len(times), "step_ms": statistics.median(times) * 1000}
+
+
+def measure_lanes(placed: dict[int, Placed], gate: QuietGate) -> dict[str, Any] | None:
+    """The 2-stage placement's stages computing at once, one process each (see :func:`lane_child`)."""
+    two = placed.get(2)
+    if two is None or not two.aggregate_tok_s:
+        return None
+    batch = STREAMS // 2
+    log(f"the 2 stages computing at once, {batch} sequences each, one process each, {LANE_SECONDS:.0f} s")
+    children = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--lane-child", json.dumps({"layers": layers, "batch": batch})],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for layers in two.layers
+    ]
+    try:
+        for child in children:
+            assert child.stdout is not None
+            if child.stdout.readline().strip() != "READY":
+                raise BenchmarkError(f"a lane child failed to start:\n{child.communicate(timeout=30)[1][-3000:]}")
+        gate.wait()
+        begin = time.time() + 0.2
+        for child in children:  # every child hears the instant before any is waited for
+            assert child.stdin is not None
+            child.stdin.write(f"{begin}\n")
+            child.stdin.flush()
+        results = []
+        for child in children:
+            out, err = child.communicate(timeout=120)
+            line = next((l for l in out.splitlines() if l.startswith("RESULT ")), None)
+            if child.returncode != 0 or line is None:
+                raise BenchmarkError(f"a lane child failed ({child.returncode}):\n{err[-3000:]}")
+            results.append(json.loads(line.removeprefix("RESULT ")))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    return {"batch": batch, "layers": two.layers, "step_ms": [r["step_ms"] for r in results], "steps": [r["steps"] for r in results]}
+
+
 # -- the torch stage alone against transformers ---------------------------------------------------
 
 
@@ -794,6 +891,11 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"  breakdown: stages computed alone, 1 thread: 1 stage, {one['batch']} sequences a step, {one['stage_ms'][0]:.1f} ms "
                   f"= {ideal1:.1f} tokens/s;\n    2 stages, {two['batch']} sequences a lane, {' and '.join(f'{t:.1f}' for t in two['stage_ms'])} ms "
                   f"= at best {ideal2:.1f} tokens/s with a free core for each stage ({ideal2 / ideal1:.2f}x)")
+            lanes = report.get("lanes_at_once")
+            if lanes:
+                at_once = 1000 * lanes["batch"] / max(lanes["step_ms"])
+                print(f"    the 2 stages computing at once, a process each, as in a full pipeline: {' and '.join(f'{t:.1f}' for t in lanes['step_ms'])} ms "
+                      f"= at best {at_once:.1f} tokens/s on this machine ({at_once / ideal1:.2f}x)")
     torch_part = report.get("torch")
     if torch_part:
         print(f"\nThe torch stage alone against transformers' generate: same GGUF, one process, fp32, 2 threads, {report['tokens']} tokens, greedy")
@@ -830,12 +932,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep-logs", action="store_true", help="keep the nodes' logs (their folder is printed)")
     parser.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage-child", help=argparse.SUPPRESS)
+    parser.add_argument("--lane-child", help=argparse.SUPPRESS)
     parser.add_argument("--no-breakdown", action="store_true", help="skip computing each placement's stages alone")
     args = parser.parse_args(argv)
     if args.tokens < 2 or args.runs < 1:
         parser.error("--tokens must be at least 2 and --runs at least 1")
     if args.stage_child:
         print("RESULT " + json.dumps(stage_child(json.loads(args.stage_child), args.tokens, args.runs)), flush=True)
+        return 0
+    if args.lane_child:
+        print("RESULT " + json.dumps(lane_child(json.loads(args.lane_child))), flush=True)
         return 0
     if args.torch_child:
         print("RESULT " + json.dumps(torch_child(args.tokens, args.runs, QuietGate(args.quiet_wait))), flush=True)
@@ -860,6 +966,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["placements"] = {str(k): asdict(v) for k, v in placed.items()}
             if not args.no_breakdown:
                 report["stages_alone"] = measure_stages(args, placed)
+                report["lanes_at_once"] = measure_lanes(placed, gate)
     finally:
         if args.keep_logs:
             log(f"logs kept under {root}")
