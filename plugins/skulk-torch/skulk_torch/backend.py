@@ -95,10 +95,10 @@ class TorchBackend:
         """Bytes the loaded stage will hold:
 
         - weights: the stage's blocks (parameters of a llama block, from the model's shape, times
-          its layers), plus the token embedding on the first stage, plus the final norm and head
-          on the last (the embedding again when the head is tied to it, unless the stage is also
-          the first and its head is not packed for oneDNN), at the element size the stage computes
-          in (4 bytes on a CPU, 2 on a GPU);
+          its layers), plus the final norm and head on the last (the embedding, when the head is
+          tied to it), at the element size the stage computes in (4 bytes on a CPU, 2 on a GPU).
+          The first stage holds no embedding: it reads its tokens' rows from the model's mapped
+          file, whose pages the OS shares and can drop;
         - KV cache: ``2 * layers * kv_heads * head_dim * element size`` per position, for
           ``context_length * max_sequences`` positions (the most the engine holds; it grows a
           request's cache as the request grows);
@@ -117,12 +117,8 @@ class TorchBackend:
         layers = shard.layer_count
         params = config.layer_params() * layers
         embedding = config.vocab_size * config.hidden_size
-        if shard.is_first:
-            params += embedding
         if shard.is_last:
-            params += config.hidden_size
-            if not (config.tied_embeddings and shard.is_first) or _may_pack(settings, device, element):
-                params += embedding
+            params += config.hidden_size + embedding  # the final norm and the head (the embedding, when tied)
         kv = 2 * layers * config.kv_size * element * options.context_length * options.max_sequences
         rows = STEP_ROWS
         activations = rows * (6 * config.hidden_size + config.q_size + 2 * config.kv_size + 3 * config.ffn_size) * element
@@ -216,12 +212,6 @@ def _load_model(
             return load_stage(
                 reader, shard, device=device, dtype=dtype, context_length=options.context_length, threads=threads, layout=layout
             )
-
-
-def _may_pack(settings: TorchSettings, device: str, element: int) -> bool:
-    """Whether a stage may pack its matrices for oneDNN (see ``choose_layout``), told without
-    importing torch: a float32 stage on an x86-64 CPU, unless ``cpu_matmul`` is ``blas``."""
-    return device == "cpu" and element == 4 and settings.cpu_matmul != "blas" and platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _return_freed_memory() -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -161,6 +161,11 @@ class CheckpointReader:
         """``embed``, ``norm`` or ``head``; None for an absent head (tied to the embedding)."""
         raise NotImplementedError
 
+    def embedding_rows(self) -> EmbeddingRows:
+        """The token embedding as rows read from the file on demand; it stays open after this
+        reader closes, until its own :meth:`EmbeddingRows.close`."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -169,6 +174,33 @@ class CheckpointReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class EmbeddingRows:
+    """The token embedding of a model, looked up row by row in the model's own file.
+
+    A first stage embeds a step's few tokens; holding the whole (vocab, hidden) table in float32
+    for that would cost the weights of several blocks. The file is mapped, so rows read once stay
+    in the page cache, shared with every process that maps the same file.
+    """
+
+    def __init__(self, lookup: Callable[[np.ndarray], np.ndarray], close: Callable[[], None], vocab_size: int, hidden_size: int) -> None:
+        self._lookup: Callable[[np.ndarray], np.ndarray] | None = lookup
+        self._close = close
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+
+    def lookup(self, tokens: np.ndarray) -> np.ndarray:
+        """float32 (len(tokens), hidden) rows for ``tokens`` (ids the caller checked)."""
+        if self._lookup is None:
+            raise ModelError("the embedding's file was closed")
+        unique, inverse = np.unique(tokens, return_inverse=True)  # each distinct row read once, in file order
+        return self._lookup(unique)[inverse.reshape(-1)]
+
+    def close(self) -> None:
+        if self._lookup is not None:
+            self._lookup = None
+            self._close()
 
 
 def open_checkpoint(path: Path) -> CheckpointReader:
@@ -222,6 +254,15 @@ class GGUFReader(CheckpointReader):
                 return None
             raise ModelError(f"{self.path.name} lacks the tensor {name}")
         return _torch(self.file.read(name))
+
+    def embedding_rows(self) -> EmbeddingRows:
+        name = _GGUF_GLOBAL["embed"]
+        if name not in self.file.tensors:
+            raise ModelError(f"{self.path.name} lacks the tensor {name}")
+        file = GGUFFile(self.path)  # a mapping of its own, closed with the rows
+        return EmbeddingRows(
+            lambda rows: file.read_rows(name, rows), file.close, self.config.vocab_size, self.config.hidden_size
+        )
 
     def close(self) -> None:
         self.file.close()
@@ -324,10 +365,12 @@ class SafetensorsReader(CheckpointReader):
 
         self._handles: list[Any] = []
         self._where: dict[str, Any] = {}  # tensor name -> the open file that holds it
+        self._files: dict[int, str] = {}  # id of an open handle -> its file
         try:
             for file in files:
                 handle = safe_open(str(file), framework="pt")
                 self._handles.append(handle)
+                self._files[id(handle)] = str(file)
                 for name in handle.keys():  # safe_open handles are not mappings
                     self._where[name] = handle
         except Exception as exc:
@@ -355,6 +398,33 @@ class SafetensorsReader(CheckpointReader):
         if role == "head" and self.config.tied_embeddings:
             return None
         return self._get(_HF_GLOBAL[role])
+
+    def embedding_rows(self) -> EmbeddingRows:
+        name = _HF_GLOBAL["embed"]
+        holder = self._where.get(name)
+        if holder is None:
+            raise ModelError(f"{self.path} lacks the tensor {name}")
+        import torch
+        from safetensors import safe_open
+
+        handle: Any = safe_open(self._files[id(holder)], framework="pt")  # a handle of its own
+        table = handle.get_slice(name)
+
+        def lookup(rows: np.ndarray) -> np.ndarray:
+            out = np.empty((len(rows), self.config.hidden_size), dtype=np.float32)
+            start = 0
+            # runs of consecutive ids are read as one slice
+            for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1):
+                first, count = int(run[0]), len(run)
+                out[start : start + count] = table[first : first + count].to(torch.float32).numpy()
+                start += count
+            return out
+
+        def close() -> None:
+            nonlocal handle, table
+            handle = table = None
+
+        return EmbeddingRows(lookup, close, self.config.vocab_size, self.config.hidden_size)
 
     def close(self) -> None:
         self._where.clear()

@@ -174,7 +174,7 @@ class TorchEngine:
             if ids.min() < 0 or ids.max() >= vocab:
                 bad = int(ids[(ids < 0) | (ids >= vocab)][0])
                 raise RequestError(f"token id {bad} is outside the vocabulary (0 to {vocab - 1})", param="prompt")
-            return model.embed_tokens(torch.from_numpy(ids).to(self.device))
+            return model.embed_tokens(ids)
         parts = []
         for chunk in batch:
             hidden = chunk.hidden
@@ -261,6 +261,8 @@ class TorchEngine:
     def _close(self) -> None:
         with self._lock:
             self._sequences.clear()
+            if self.model is not None:
+                self.model.close()
             self.model = None
             close = getattr(self.tokenizer, "close", None)
             if close is not None:

@@ -108,22 +108,32 @@ class GGUFFile:
 
     def read(self, name: str) -> np.ndarray:
         """The tensor dequantized to a new float32 array of :attr:`TensorInfo.shape`."""
+        return self._dequantize(name, self.raw(name)).reshape(self.tensors[name].shape)
+
+    def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` of a 2-D tensor (rows of its (out, in) shape) dequantized to a new
+        float32 array of shape (len(rows), in): only those rows' blocks are read."""
+        info = self.tensors[name]
+        if len(info.dims) != 2:
+            raise ModelError(f"{self.path.name}: tensor {name} has {len(info.dims)} dimensions, not the 2 of a matrix")
+        picked = self.raw(name)[rows]  # a copy of just those rows' bytes
+        return self._dequantize(name, picked).reshape(len(rows), info.dims[0])
+
+    def _dequantize(self, name: str, raw: np.ndarray) -> np.ndarray:
+        """``raw`` bytes of tensor ``name`` (whole rows) as a new float32 array."""
         import gguf
 
-        info = self.tensors[name]
-        kind = gguf.GGMLQuantizationType(info.ggml_type)
-        raw = self.raw(name)
+        kind = gguf.GGMLQuantizationType(self.tensors[name].ggml_type)
         if kind == gguf.GGMLQuantizationType.F32:
-            values = np.array(raw.view(np.float32))  # a copy, so the mapping can be closed
-        else:
-            try:
-                values = gguf.quants.dequantize(raw, kind)
-            except NotImplementedError:
-                raise ModelError(
-                    f"{self.path.name}: tensor {name} is {kind.name}, which the gguf package cannot dequantize; "
-                    "use a GGUF with another quantization"
-                ) from None
-        return values.reshape(info.shape)
+            return np.array(raw.view(np.float32))  # a copy, so the mapping can be closed
+        try:
+            values = gguf.quants.dequantize(raw, kind)
+        except NotImplementedError:
+            raise ModelError(
+                f"{self.path.name}: tensor {name} is {kind.name}, which the gguf package cannot dequantize; "
+                "use a GGUF with another quantization"
+            ) from None
+        return np.asarray(values, dtype=np.float32)
 
     def _buffer(self) -> np.ndarray:
         if self._data is None:

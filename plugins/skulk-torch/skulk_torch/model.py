@@ -41,7 +41,7 @@ from attrs import define, frozen
 
 from skulk_core import ShardRange
 
-from skulk_torch.checkpoint import CheckpointReader, ModelConfig
+from skulk_torch.checkpoint import CheckpointReader, EmbeddingRows, ModelConfig
 
 if TYPE_CHECKING:
     import torch
@@ -132,9 +132,9 @@ class StageModel:
         shard: ShardRange,
         blocks: list[Block],
         *,
-        embed: torch.Tensor | None,  # (vocab, hidden)
+        embed: EmbeddingRows | None,  # the first stage's token embedding, read from the file
         norm: torch.Tensor | None,  # (hidden,)
-        head: torch.Tensor | None,  # in the layout's form of (vocab, hidden); embeds when tied, unless packed
+        head: torch.Tensor | None,  # in the layout's form of (vocab, hidden)
         device: torch.device,
         dtype: torch.dtype,
         context_length: int,
@@ -182,17 +182,12 @@ class StageModel:
 
     # -- the pass ---------------------------------------------------------------------------
 
-    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(rows, hidden) embeddings; from the transposed head's columns when it is the tied embedding."""
+    def embed_tokens(self, tokens: np.ndarray) -> torch.Tensor:
+        """(rows, hidden) embeddings of token ids the caller checked, read from the model's file."""
         import torch
-        import torch.nn.functional as F
 
-        if self.embed is not None:
-            return F.embedding(tokens, self.embed)
-        assert self.head is not None and self.layout != "onednn"  # a packed head embeds nothing
-        if self.layout == "plain":
-            return F.embedding(tokens, self.head)
-        return torch.index_select(self.head, 1, tokens).t().contiguous()
+        assert self.embed is not None, "only the first stage embeds"
+        return torch.from_numpy(self.embed.lookup(tokens)).to(device=self.device, dtype=self.dtype)
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, sequences: Sequence[SequenceSlice], threads: int = 1
@@ -300,8 +295,14 @@ class StageModel:
 
     # -- accounting -------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Close the embedding's file (the weights go with the last reference to this model)."""
+        if self.embed is not None:
+            self.embed.close()
+
     def parameter_bytes(self) -> dict[str, int]:
-        """Bytes of weights held, by part (``blocks``, ``embed``, ``head``); a tied head counts once."""
+        """Bytes of weights held, by part (``blocks``, ``embed``, ``head``). ``embed`` is always 0:
+        the first stage reads its tokens' rows from the model's (mapped) file."""
         seen: set[int] = set()
 
         def count(tensors: list[torch.Tensor]) -> int:
@@ -317,9 +318,8 @@ class StageModel:
             return total
 
         blocks = count([t for block in self.blocks for t in block.tensors()])
-        embed = count([self.embed] if self.embed is not None else [])
         head = count([t for t in (self.norm, self.head) if t is not None])
-        return {"blocks": blocks, "embed": embed, "head": head}
+        return {"blocks": blocks, "embed": 0, "head": head}
 
 
 def load_stage(
@@ -341,8 +341,7 @@ def load_stage(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     transposed = layout == "transposed"
-    packed = layout == "onednn"
-    pack = torch.ops.mkldnn._reorder_linear_weight if packed else None
+    pack = torch.ops.mkldnn._reorder_linear_weight if layout == "onednn" else None
 
     def place(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device=device, dtype=dtype).contiguous()
@@ -381,24 +380,19 @@ def load_stage(
             qkv=qkv, qkv_bias=bias, out=addmm_operand(layer(index, "o")), gate_up=gate_up, down=addmm_operand(layer(index, "down"))
         )
 
-    def load_ends() -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        embed = norm = head = source = None
-        if shard.is_last:
-            norm = place(required(reader.global_tensor("norm")))
-            source = required(reader.global_tensor("embed" if config.tied_embeddings else "head"))
-            head = matrix(source)
-        if shard.is_first and (packed or not (shard.is_last and config.tied_embeddings)):
-            # A tied whole model embeds from its head, unless the head is packed: then it keeps the
-            # embedding beside it (the weights of the head once more).
-            tied_here = shard.is_last and config.tied_embeddings
-            embed = place(source if tied_here and source is not None else required(reader.global_tensor("embed")))
-        return embed, norm, head
+    def load_end() -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The last stage's final norm and output head (the embedding, when tied)."""
+        if not shard.is_last:
+            return None, None
+        norm = place(required(reader.global_tensor("norm")))
+        return norm, matrix(required(reader.global_tensor("embed" if config.tied_embeddings else "head")))
 
     # Dequantizing is numpy work that releases the GIL for most of its time: a few threads overlap.
     with ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="skulk-torch-load") as pool:
-        ends = pool.submit(load_ends)  # the embedding is the largest tensor: start it first
+        end = pool.submit(load_end)  # the head is the largest tensor: start it first
         blocks = list(pool.map(load_block, range(shard.start, shard.end)))
-        embed, norm, head = ends.result()
+        norm, head = end.result()
+    embed = reader.embedding_rows() if shard.is_first else None  # rows read from the file as tokens come
     return StageModel(
         config, shard, blocks, embed=embed, norm=norm, head=head, device=device, dtype=dtype,
         context_length=context_length, layout=layout,

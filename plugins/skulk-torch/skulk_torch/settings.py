@@ -39,8 +39,7 @@ class TorchSettings:
       once at load for oneDNN's matmul, whose products cost about the same for one row or several
       (a batch of sequences, a prompt); ``blas``: torch's BLAS (MKL on x86-64) on transposed
       matrices, the faster of the two for one row on some Intel CPUs. ``auto``: ``onednn`` where
-      this torch has it (x86-64), else ``blas``. A whole tied-embedding model packed for oneDNN
-      holds its embedding twice (once to look tokens up, once packed as the output head).
+      this torch has it (x86-64), else ``blas``.
     """
 
     dtype: str = field(default="auto", validator=_one_of(DTYPES))

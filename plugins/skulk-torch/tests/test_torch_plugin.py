@@ -24,6 +24,7 @@ from skulk_core import (
     ConfigLoader,
     EngineOptions,
     ModelCard,
+    ModelError,
     ModelFiles,
     ModelSource,
     RequestError,
@@ -251,7 +252,10 @@ def test_dequantization_matches_reference(quant_file: tuple[Path, dict[str, np.n
         info = gguf_file.tensors[name]
         got = gguf_file.read(name)
         raw = np.array(gguf_file.raw(name))
+        some_rows = gguf_file.read_rows(name, np.array([3, 0, 2]))
     assert got.shape == (4, 512) and got.dtype == np.float32 and info.shape == (4, 512)
+    assert some_rows.dtype == np.float32
+    np.testing.assert_array_equal(some_rows, got[[3, 0, 2]])  # rows read alone are the rows of the whole
     source = sources[name]
     if name == "F32":
         np.testing.assert_array_equal(got, source)
@@ -293,6 +297,28 @@ def test_gguf_index_matches_gguf_reader(quant_file: tuple[Path, dict[str, np.nda
         assert len(gguf_file.tensors) == 272
         assert gguf_file.tensors["blk.0.ffn_down.weight"].shape == (576, 1536)
         assert len(gguf_file.array("tokenizer.ggml.tokens")) == 49152
+
+
+def test_embedding_rows_are_read_from_the_file(tmp_path: Path) -> None:
+    """A first stage looks its tokens' rows up in the file: the same values as the whole table,
+    for repeated and unordered ids, still readable after the reader that opened them closed."""
+    from skulk_torch.checkpoint import open_checkpoint
+
+    model = make_tiny("llama", tied=True)
+    tokens = np.array([5, 3, 5, 0, 1, 2, model.vocab - 1, 4])
+    for path in (write_gguf(model, tmp_path / "tiny.gguf", weight_type="F16"), write_safetensors(model, tmp_path / "model")):
+        with open_checkpoint(path) as reader:
+            table = reader.global_tensor("embed")
+            assert table is not None
+            rows = reader.embedding_rows()
+        try:
+            got = rows.lookup(tokens)
+            assert got.dtype == np.float32 and got.shape == (len(tokens), model.hidden)
+            np.testing.assert_array_equal(got, table.numpy()[tokens])
+        finally:
+            rows.close()
+        with pytest.raises(ModelError, match="closed"):
+            rows.lookup(tokens)
 
 
 def test_rotary_layout_is_the_converters() -> None:
