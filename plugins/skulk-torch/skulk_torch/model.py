@@ -392,7 +392,14 @@ def load_stage(
         end = pool.submit(load_end)  # the head is the largest tensor: start it first
         blocks = list(pool.map(load_block, range(shard.start, shard.end)))
         norm, head = end.result()
-    embed = reader.embedding_rows() if shard.is_first else None  # rows read from the file as tokens come
+    embed = None
+    if shard.is_first:
+        embed = reader.embedding_rows()  # rows read from the file as tokens come
+        try:
+            embed.lookup(np.zeros(1, dtype=np.int64))  # a type it cannot read fails the load, not a request
+        except BaseException:
+            embed.close()
+            raise
     return StageModel(
         config, shard, blocks, embed=embed, norm=norm, head=head, device=device, dtype=dtype,
         context_length=context_length, layout=layout,
