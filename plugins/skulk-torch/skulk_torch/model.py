@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from attrs import define, frozen
 
-from skulk_core import ShardRange
+from skulk_core import BackendError, ShardRange
 
 from skulk_torch.checkpoint import CheckpointReader, EmbeddingRows, ModelConfig
 
@@ -84,8 +84,6 @@ def choose_layout(device: torch.device, dtype: torch.dtype, cpu_matmul: str) -> 
     if onednn_matmul_available():
         return "onednn"
     if cpu_matmul == "onednn":
-        from skulk_core import BackendError
-
         raise BackendError("torch.cpu_matmul is onednn, but this torch cannot pack float32 matrices for oneDNN here; use auto or blas")
     return "transposed"
 
