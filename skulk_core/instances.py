@@ -79,7 +79,7 @@ class LocalStage:
     scope: anyio.CancelScope = field(factory=anyio.CancelScope)
     lock: anyio.Lock = field(factory=lambda: anyio.Lock(fast_acquire=True))  # one step at a time through the engine
     inbox: Any = None  # memory stream of remote work, in arrival order
-    samplers: dict[str, tuple[Sampler, bool]] = field(factory=dict)  # last stage: request id -> (sampler, logprobs)
+    samplers: dict[str, Sampler] = field(factory=dict)  # last stage: the samplers the head started here, by request id
 
     @property
     def instance_id(self) -> str:
@@ -470,16 +470,15 @@ class Instances:
     @staticmethod
     def _last_stage_output(local: LocalStage, forward: StageForward, output: StageOutput) -> WireOutput:
         """Sample here for a request whose sampler the head started here; else send the logits."""
-        for spec in forward.samplers:
+        for spec in forward.samplers:  # usually none: only a request's first step starts one
             if spec.request_id not in local.samplers:
-                local.samplers[spec.request_id] = (Sampler(spec.params), spec.logprobs)
+                local.samplers[spec.request_id] = Sampler(spec.params, logprobs=spec.logprobs)
         if output.logits is None:
             return WireOutput(output.request_id)
-        entry = local.samplers.get(output.request_id)
-        if entry is None:
+        sampler = local.samplers.get(output.request_id)
+        if sampler is None:
             return WireOutput(output.request_id, Tensor.from_numpy(output.logits))
-        sampler, logprobs = entry
-        sampled = sampler.sample(output.logits, want_logprobs=logprobs)
+        sampled = sampler.sample(output.logits, want_logprobs=sampler.logprobs)
         return WireOutput(output.request_id, token=sampled.token_id, logprob=sampled.logprob, top=sampled.top)
 
     async def _on_stage_forward(self, peer_id: str, forward: StageForward) -> None:
