@@ -112,7 +112,7 @@ class TorchBackend:
         """
         config = _shape_for(card)
         settings = options.settings_as(TorchSettings, "torch")
-        device = options.device or self.capabilities.devices[0]
+        device = options.device or _setting_device(settings) or self.capabilities.devices[0]
         element = 4 if resolve_dtype_name(settings.dtype, device) == "float32" else 2
         layers = shard.layer_count
         params = config.layer_params() * layers
@@ -164,7 +164,7 @@ def load_engine(card: ModelCard, files: ModelFiles, shard: ShardRange, options: 
     from skulk_torch.tokenizer import load_tokenizer
 
     settings = options.settings_as(TorchSettings, "torch")
-    device = _torch_device(options.device)
+    device = _torch_device(options.device or _setting_device(settings))
     dtype = getattr(torch, resolve_dtype_name(settings.dtype, device.type))
     threads = options.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -265,6 +265,11 @@ def _torch_build_has_cuda() -> bool:
     return False
 
 
+def _setting_device(settings: TorchSettings) -> str | None:
+    """The device ``torch.device`` names, or None for ``auto``."""
+    return None if settings.device == "auto" else settings.device
+
+
 def _torch_device(name: str | None) -> torch.device:
     import torch
 
@@ -280,6 +285,8 @@ def _torch_device(name: str | None) -> torch.device:
         raise BackendError(f"unknown torch device {name!r}: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendError(f"device {name!r} was asked for, but torch sees no CUDA device here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BackendError(f"device {name!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA device(s) here")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise BackendError(f"device {name!r} was asked for, but torch sees no MPS device here")
     if device.type not in ("cpu", "cuda", "mps"):

@@ -14,6 +14,7 @@ from attrs import field, frozen
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 TOKENIZERS = ("auto", "llamacpp", "tokenizers")
 CPU_MATMULS = ("auto", "onednn", "blas")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[object, attrs.Attribute, str], None]:
@@ -24,10 +25,19 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[object, attrs.Attribute, str]
     return check
 
 
+def _device_name(_: object, attribute: attrs.Attribute, value: str) -> None:
+    kind, _colon, index = value.partition(":")
+    if kind not in DEVICES or (index and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"torch.{attribute.name} must be auto, cpu, cuda, cuda:N or mps; got {value!r}")
+
+
 @frozen
 class TorchSettings:
     """Options of the torch backend.
 
+    - ``device``: where the stage's weights, cache and products live. ``auto``: a CUDA GPU if torch
+      sees one, else Apple's MPS, else the CPU; ``cuda:N`` picks the N-th GPU. ``cpu`` keeps the
+      backend off a GPU that something else uses.
     - ``dtype``: element type of weights, activations and KV cache. ``auto``: float32 on a CPU
       (the fastest there, and what reproduces llama.cpp's greedy tokens), bfloat16 on CUDA where
       the GPU supports it, float16 otherwise.
@@ -42,6 +52,7 @@ class TorchSettings:
       this torch has it (x86-64), else ``blas``.
     """
 
+    device: str = field(default="auto", validator=_device_name)
     dtype: str = field(default="auto", validator=_one_of(DTYPES))
     tokenizer: str = field(default="auto", validator=_one_of(TOKENIZERS))
     cpu_matmul: str = field(default="auto", validator=_one_of(CPU_MATMULS))

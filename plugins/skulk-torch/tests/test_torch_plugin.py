@@ -92,6 +92,26 @@ def test_config_section_from_file_and_environment() -> None:
     assert settings == TorchSettings(dtype="float32", tokenizer="tokenizers")
     with pytest.raises(ConfigError, match="dtype"):
         ConfigLoader(document={"torch": {"dtype": "float8"}}, env={}, cli={}).resolve({"torch": TorchSettings})
+    loader = ConfigLoader(document={}, env={"SKULK_TORCH_DEVICE": "cuda:1"}, cli={})
+    assert loader.resolve({"torch": TorchSettings}).section("torch").device == "cuda:1"
+    for bad in ("tpu", "cuda:x", "cpu:0", "mps:1"):
+        with pytest.raises(ConfigError, match="auto, cpu, cuda, cuda:N or mps"):
+            ConfigLoader(document={"torch": {"device": bad}}, env={}, cli={}).resolve({"torch": TorchSettings})
+
+
+def test_the_device_setting_places_the_stage(tmp_path: Path) -> None:
+    """``torch.device`` picks the device when the node names none; the estimate follows it."""
+    path = write_gguf(make_tiny("llama", n_layers=1), tmp_path / "tiny.gguf")
+    engine = _load(path, device=None, settings=TorchSettings(device="cpu"))
+    try:
+        assert engine.device.type == "cpu" and engine.dtype == __import__("torch").float32
+    finally:
+        anyio.run(engine.close)
+    card, _ = _files(path)
+    backend, shard = TorchBackend(), ShardRange.whole(1)
+    on_cpu = backend.estimate_memory(card, shard, EngineOptions(context_length=64, settings=TorchSettings(device="cpu")))
+    on_gpu = backend.estimate_memory(card, shard, EngineOptions(context_length=64, settings=TorchSettings(device="cuda")))
+    assert on_gpu < on_cpu  # 2 bytes an element on a GPU, 4 on a CPU
 
 
 def _card(arch: str = "llama", **changes: object) -> ModelCard:
@@ -118,7 +138,7 @@ def test_estimate_memory_from_the_file() -> None:
     card = ModelCard.from_gguf(default_model_path())
     config = read_config(default_model_path())
     assert config.ffn_size == 1536 and config.tied_embeddings
-    options = EngineOptions(context_length=1024, max_sequences=2, settings=TorchSettings(dtype="float32"))
+    options = EngineOptions(context_length=1024, max_sequences=2, device="cpu", settings=TorchSettings(dtype="float32"))
     whole = backend.estimate_memory(card, ShardRange.whole(30), options)
     middle = backend.estimate_memory(card, ShardRange(10, 20, 30), options)
     kv_whole = 2 * 30 * 3 * 64 * 4 * 1024 * 2
@@ -129,7 +149,7 @@ def test_estimate_memory_from_the_file() -> None:
     assert 300 * 2**20 < fixed < 800 * 2**20
     # The middle third: a third of the blocks and of the KV cache, no embedding or tokenizer.
     assert middle < whole - embedding - blocks * 2 // 3 - kv_whole * 2 // 3
-    more = backend.estimate_memory(card, ShardRange(10, 20, 30), EngineOptions(context_length=2048, max_sequences=2))
+    more = backend.estimate_memory(card, ShardRange(10, 20, 30), EngineOptions(context_length=2048, max_sequences=2, device="cpu"))
     assert more - middle >= 2 * 10 * 3 * 64 * 4 * 1024 * 2  # KV cache doubles with the context
 
 
@@ -343,7 +363,8 @@ def _files(path: Path) -> tuple[ModelCard, ModelFiles]:
 
 def _load(path: Path, shard: ShardRange | None = None, **options: object) -> Any:
     card, files = _files(path)
-    values: dict[str, object] = {"context_length": 64, "max_sequences": 3, "threads": 1}
+    # On the CPU also where a GPU is (test_torch_cuda.py covers that): these tests pin CPU layouts.
+    values: dict[str, object] = {"context_length": 64, "max_sequences": 3, "threads": 1, "device": "cpu"}
     values.update(options)
     return anyio.run(TorchBackend().load, card, files, shard or ShardRange.whole(card.n_layers), EngineOptions(**values))  # type: ignore[arg-type]
 
@@ -519,8 +540,10 @@ def test_load_refuses_what_it_cannot_run(tmp_path: Path) -> None:
     backend = TorchBackend()
     with pytest.raises(BackendError, match="3-layer model, but tiny has 2"):
         anyio.run(backend.load, card, files, ShardRange(0, 1, 3), EngineOptions(context_length=8))
-    with pytest.raises(BackendError, match="no CUDA device|unknown torch device"):
-        anyio.run(backend.load, card, files, ShardRange.whole(2), EngineOptions(context_length=8, device="cuda"))
+    with pytest.raises(BackendError, match="CUDA device"):  # none here, or not that many
+        anyio.run(backend.load, card, files, ShardRange.whole(2), EngineOptions(context_length=8, device="cuda:99"))
+    with pytest.raises(BackendError, match="CUDA device"):  # the same, named in the config section
+        anyio.run(backend.load, card, files, ShardRange.whole(2), EngineOptions(context_length=8, settings=TorchSettings(device="cuda:99")))
     with pytest.raises(BackendError, match="gemma"):
         anyio.run(backend.load, _card("gemma"), files, ShardRange.whole(30), EngineOptions(context_length=8))
 
