@@ -28,6 +28,11 @@ pipeline is full: on one machine the stages share its memory bandwidth, which a 
 separate machines does not, and this line shows what that leaves as the best 2 stages can do here.
 
     .venv/bin/python benchmarks/pipeline.py [--only latency|aggregate|torch] [--tokens 64] [--runs 3] [--json]
+        [--torch-device cpu|cuda|mps] [--torch-dtype float32|float16|bfloat16]
+
+``--torch-device``/``--torch-dtype`` move the torch part (both models) to a GPU or another element
+type; the pipeline parts always run on what the nodes find (set ``CUDA_VISIBLE_DEVICES=`` to keep
+their stages on the CPU of a GPU machine).
 
 The machine's load average is printed at the start and the end of the run: on a shared 2-core
 machine another busy process changes every number, so compare runs taken at a similar load (the
@@ -643,12 +648,12 @@ def transformers_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("transformers", "accelerate"))
 
 
-def torch_child(tokens: int, runs: int, gate: QuietGate) -> dict[str, Any]:
+def torch_child(tokens: int, runs: int, gate: QuietGate, device: str = "cpu", dtype: str = "float32") -> dict[str, Any]:
     """In this process: load the skulk torch stage and transformers' model, decode greedily with both."""
     import anyio
     import numpy as np
 
-    result: dict[str, Any] = {"threads": 2}
+    result: dict[str, Any] = {"threads": 2, "device": device, "dtype": dtype}
     started = time.perf_counter()
     import torch
 
@@ -656,13 +661,13 @@ def torch_child(tokens: int, runs: int, gate: QuietGate) -> dict[str, Any]:
     torch.set_num_threads(2)
     from skulk_core import EngineOptions, ModelCard, ModelFiles, SequenceChunk, ShardRange, default_model_path
     from skulk_core.chat import render_chat
-    from skulk_torch.backend import TorchBackend
+    from skulk_torch import TorchBackend, TorchSettings
 
     path = default_model_path()
     card = ModelCard.from_gguf(path)
     files = ModelFiles(card.id, "gguf", path)
     started = time.perf_counter()
-    engine = anyio.run(TorchBackend().load, card, files, ShardRange.whole(card.n_layers), EngineOptions(context_length=CONTEXT, max_sequences=4, threads=2))
+    engine = anyio.run(TorchBackend().load, card, files, ShardRange.whole(card.n_layers), EngineOptions(context_length=CONTEXT, max_sequences=4, threads=2, device=device, settings=TorchSettings(dtype=dtype)))
     result["skulk_load_s"] = time.perf_counter() - started
     # The prompt as a node renders and tokenizes it; both models get the same token ids.
     text = render_chat(card.chat_template, [{"role": "user", "content": PROMPT}], add_generation_prompt=True)
@@ -709,7 +714,7 @@ def torch_child(tokens: int, runs: int, gate: QuietGate) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     result["transformers_tokenizer_load_s"] = time.perf_counter() - started
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)).to(device)
     model.eval()
     result["transformers_model_load_s"] = time.perf_counter() - started
     result["transformers_load_s"] = result["transformers_tokenizer_load_s"] + result["transformers_model_load_s"]
@@ -735,7 +740,7 @@ def torch_child(tokens: int, runs: int, gate: QuietGate) -> dict[str, Any]:
             pass
 
     def transformers_decode() -> tuple[float, list[int]]:
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=device)
         streamer = Timestamps()
         with torch.inference_mode():
             model.generate(
@@ -780,9 +785,10 @@ def measure_torch(args: argparse.Namespace) -> dict[str, Any]:
     if not transformers_available():
         missing = [name for name in ("transformers", "accelerate") if importlib.util.find_spec(name) is None]
         log(f"{' and '.join(missing)} not installed: the transformers comparison is skipped. To run it:\n    {TRANSFORMERS_INSTALL}")
-    log("torch stage alone against transformers (one child process, 2 threads)")
+    log(f"torch stage alone against transformers (one child process, 2 threads, {args.torch_device}, {args.torch_dtype})")
     before = loadavg()
-    command = [sys.executable, __file__, "--torch-child", "--tokens", str(args.tokens), "--runs", str(args.runs), "--quiet-wait", str(args.quiet_wait)]
+    command = [sys.executable, __file__, "--torch-child", "--tokens", str(args.tokens), "--runs", str(args.runs), "--quiet-wait", str(args.quiet_wait),
+               "--torch-device", args.torch_device, "--torch-dtype", args.torch_dtype]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -898,7 +904,8 @@ def print_table(report: dict[str, Any]) -> None:
                       f"= at best {at_once:.1f} tokens/s on this machine ({at_once / ideal1:.2f}x)")
     torch_part = report.get("torch")
     if torch_part:
-        print(f"\nThe torch stage alone against transformers' generate: same GGUF, one process, fp32, 2 threads, {report['tokens']} tokens, greedy")
+        print(f"\nThe torch stage alone against transformers' generate: same GGUF, one process, "
+              f"{torch_part.get('dtype', 'float32')} on {torch_part.get('device', 'cpu')}, 2 threads, {report['tokens']} tokens, greedy")
         print(f"  {'':<34}{'load':<10}{'decode tokens/s':<20}")
         print(f"  {'skulk torch, engine.step + argmax':<34}{torch_part['skulk_load_s']:<6.2f}{'s':<4}{spread(torch_part['skulk_decode_tok_s']):<20}")
         if torch_part.get("transformers"):
@@ -924,6 +931,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=["latency", "aggregate", "torch"], help="run one part only")
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per stream (default 64)")
+    parser.add_argument("--torch-device", default="cpu", help="where the torch part runs both models: cpu (default), cuda, mps")
+    parser.add_argument("--torch-dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="the torch part's element type (default float32)")
     parser.add_argument("--runs", type=int, default=3, help="runs of each measurement (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     parser.add_argument(
@@ -944,7 +953,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("RESULT " + json.dumps(lane_child(json.loads(args.lane_child))), flush=True)
         return 0
     if args.torch_child:
-        print("RESULT " + json.dumps(torch_child(args.tokens, args.runs, QuietGate(args.quiet_wait))), flush=True)
+        print("RESULT " + json.dumps(torch_child(args.tokens, args.runs, QuietGate(args.quiet_wait), args.torch_device, args.torch_dtype)), flush=True)
         return 0
     parts = {args.only} if args.only else {"latency", "aggregate", "torch"}
     report: dict[str, Any] = {
