@@ -48,8 +48,8 @@ class TorchSettings:
     - ``cpu_matmul``: what multiplies float32 matrices on a CPU. ``onednn``: each matrix packed
       once at load for oneDNN's matmul, whose products cost about the same for one row or several
       (a batch of sequences, a prompt); ``blas``: torch's BLAS (MKL on x86-64) on transposed
-      matrices, the faster of the two for one row on some Intel CPUs. ``auto``: ``onednn`` where
-      this torch has it (x86-64), else ``blas``.
+      matrices, the faster of the two on Intel's CPUs, where MKL runs its own kernels. ``auto``:
+      ``blas`` on an Intel CPU, else ``onednn`` where this torch has it (x86-64), else ``blas``.
     """
 
     device: str = field(default="auto", validator=_device_name)

@@ -493,12 +493,16 @@ def test_cpu_matmul_chooses_the_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     assert model_module.choose_layout(cpu, torch.float32, "blas") == "transposed"
     assert model_module.choose_layout(cpu, torch.bfloat16, "onednn") == "plain"  # half precision: never packed
     assert model_module.choose_layout(cuda, torch.float32, "auto") == "plain"
+    monkeypatch.setattr(model_module, "cpu_vendor", lambda: "AuthenticAMD")
     monkeypatch.setattr(model_module, "_onednn_works", False)  # a torch without oneDNN's matmul
     assert model_module.choose_layout(cpu, torch.float32, "auto") == "transposed"
     with pytest.raises(BackendError, match="cannot pack float32 matrices for oneDNN"):
         model_module.choose_layout(cpu, torch.float32, "onednn")
     monkeypatch.setattr(model_module, "_onednn_works", True)
     assert model_module.choose_layout(cpu, torch.float32, "auto") == "onednn"
+    monkeypatch.setattr(model_module, "cpu_vendor", lambda: "GenuineIntel")  # MKL's own kernels
+    assert model_module.choose_layout(cpu, torch.float32, "auto") == "transposed"
+    assert model_module.choose_layout(cpu, torch.float32, "onednn") == "onednn"
 
 
 def test_limits_and_errors(tmp_path: Path) -> None:
