@@ -101,7 +101,8 @@ class TorchBackend:
           file, whose pages the OS shares and can drop;
         - KV cache: ``2 * layers * kv_heads * head_dim * element size`` per position, for
           ``context_length * max_sequences`` positions (the most the engine holds; it grows a
-          request's cache as the request grows);
+          request's cache as the request grows; on a CUDA GPU with ``cuda_graphs`` the pool holds
+          them all from the load, plus one scratch slot);
         - activations of a step of ``STEP_ROWS`` rows (MLP and attention intermediates, one head's
           scores against the whole context per query head), rotary tables, the tokenizer on the
           first stage, and ``RUNTIME_OVERHEAD_BYTES`` for the torch runtime.
@@ -119,7 +120,9 @@ class TorchBackend:
         embedding = config.vocab_size * config.hidden_size
         if shard.is_last:
             params += config.hidden_size + embedding  # the final norm and the head (the embedding, when tied)
-        kv = 2 * layers * config.kv_size * element * options.context_length * options.max_sequences
+        # On a GPU with decode graphs the caches are one pool, allocated at load, with a scratch slot.
+        slots = options.max_sequences + (1 if device.startswith("cuda") and settings.cuda_graphs else 0)
+        kv = 2 * layers * config.kv_size * element * options.context_length * slots
         rows = STEP_ROWS
         activations = rows * (6 * config.hidden_size + config.q_size + 2 * config.kv_size + 3 * config.ffn_size) * element
         activations += config.n_heads * rows * options.context_length * element

@@ -3,7 +3,9 @@
 Each request holds its own KV cache for this stage's layers: one tensor (layers, K/V, kv heads,
 capacity, head_dim), created on the request's first chunk with room for the chunk and grown by
 doubling up to ``context_length``, so a short request never costs a full context of memory.
-:meth:`TorchEngine.release` drops it.
+:meth:`TorchEngine.release` drops it. On a CUDA GPU (with ``torch.cuda_graphs``, the default) the
+caches are instead slots of one pool allocated at load, and decode steps replay CUDA graphs
+(:mod:`skulk_torch.graphs`).
 
 A step runs in a worker thread under ``torch.inference_mode()``; a lock keeps steps, releases and
 closing one at a time.
@@ -31,7 +33,9 @@ from skulk_core import (
     Tensor,
 )
 
+from skulk_torch.graphs import DecodeSlots
 from skulk_torch.model import SequenceSlice, StageModel
+from skulk_torch.settings import TorchSettings
 from skulk_torch.tokenizer import PieceTokenizer
 
 if TYPE_CHECKING:
@@ -47,6 +51,7 @@ _HIDDEN_DTYPES = {"float32", "float16", "bfloat16"}
 class _Sequence:
     cache: torch.Tensor  # (layers, 2, kv heads, capacity, head_dim)
     length: int = 0  # positions cached
+    slot: int | None = None  # its slot of the stage's KV pool, where there is one
 
     @property
     def capacity(self) -> int:
@@ -77,6 +82,10 @@ class TorchEngine:
         self.dtype = model.dtype
         self.layout = model.layout  # how its matrices are held and multiplied (skulk_torch.model.LAYOUTS)
         self._sequences: dict[str, _Sequence] = {}
+        # Decode steps as CUDA graphs over one KV pool (a GPU only; see skulk_torch.graphs).
+        self._slots: DecodeSlots | None = None
+        if model.device.type == "cuda" and options.settings_as(TorchSettings, "torch").cuda_graphs:
+            self._slots = DecodeSlots(model, options.max_sequences, options.context_length, capture=True)
         self._lock = threading.Lock()
         self._thread = EngineThread(f"torch {card.id} [{shard.start}, {shard.end})")  # steps and releases, in order
 
@@ -106,14 +115,19 @@ class TorchEngine:
                     seq = self._reserve(model, chunk.request_id, chunk.position + chunk.length)
                     slices.append(SequenceSlice(row, chunk.length, chunk.position, seq.cache))
                     row += chunk.length
-                positions = torch.from_numpy(
-                    np.concatenate([np.arange(c.position, c.position + c.length) for c in batch])
-                ).to(self.device)
-                x = model.forward(x, positions, slices, self.threads)
-                outputs = self._outputs(model, batch, x)
+                if self._slots is not None and all(chunk.length == 1 for chunk in batch):
+                    slots = [self._sequences[chunk.request_id].slot for chunk in batch]
+                    rows = self._slots.step(x, [chunk.position for chunk in batch], slots)  # type: ignore[arg-type]
+                    outputs = self._decoded(batch, rows)
+                else:
+                    positions = torch.from_numpy(
+                        np.concatenate([np.arange(c.position, c.position + c.length) for c in batch])
+                    ).to(self.device)
+                    x = model.forward(x, positions, slices, self.threads)
+                    outputs = self._outputs(model, batch, x)
             except BaseException:
                 for request_id in fresh:
-                    self._sequences.pop(request_id, None)
+                    self._drop(request_id)
                 for chunk in batch:  # a failed step may have overwritten cache from its chunk on
                     seq = self._sequences.get(chunk.request_id)
                     if seq is not None:
@@ -207,10 +221,27 @@ class TorchEngine:
                 logits[i] = row
         return [StageOutput(chunk.request_id, logits=row) for chunk, row in zip(batch, logits)]
 
+    def _decoded(self, batch: list[SequenceChunk], rows: torch.Tensor) -> list[StageOutput]:
+        """The outputs of a decode step's rows (one a chunk): logits or activations."""
+        import torch
+
+        values = rows.to(device="cpu", dtype=torch.float32).numpy()
+        if not self.shard.is_last:
+            return [
+                StageOutput(chunk.request_id, hidden=Tensor("float32", (1, values.shape[1]), values[i : i + 1].tobytes()))
+                for i, chunk in enumerate(batch)
+            ]
+        return [StageOutput(chunk.request_id, logits=values[i] if chunk.want_logits else None) for i, chunk in enumerate(batch)]
+
     def _reserve(self, model: StageModel, request_id: str, needed: int) -> _Sequence:
-        """The request's cache, created or grown to hold ``needed`` positions."""
+        """The request's cache, created or grown to hold ``needed`` positions (a pool slot holds
+        ``context_length`` from the start)."""
         seq = self._sequences.get(request_id)
         if seq is not None and seq.capacity >= needed:
+            return seq
+        if self._slots is not None:
+            slot, cache = self._slots.acquire()
+            seq = self._sequences[request_id] = _Sequence(cache, slot=slot)
             return seq
         capacity = MIN_CACHE_CAPACITY
         while capacity < needed:
@@ -235,7 +266,12 @@ class TorchEngine:
 
     def _release(self, request_id: str) -> None:
         with self._lock:
-            self._sequences.pop(request_id, None)
+            self._drop(request_id)
+
+    def _drop(self, request_id: str) -> None:
+        seq = self._sequences.pop(request_id, None)
+        if seq is not None and seq.slot is not None and self._slots is not None:
+            self._slots.release(seq.slot)
 
     @property
     def live_sequences(self) -> int:
@@ -243,7 +279,7 @@ class TorchEngine:
 
     def cache_bytes(self) -> int:
         """Bytes the live sequences' KV caches hold."""
-        return sum(seq.cache.untyped_storage().nbytes() for seq in self._sequences.values())
+        return sum(seq.cache.numel() * seq.cache.element_size() for seq in self._sequences.values())
 
     def parameter_bytes(self) -> dict[str, int]:
         """Bytes of weights by part (``blocks``, ``embed``, ``head``); see :meth:`StageModel.parameter_bytes`."""
@@ -261,6 +297,9 @@ class TorchEngine:
     def _close(self) -> None:
         with self._lock:
             self._sequences.clear()
+            if self._slots is not None:
+                self._slots.close()
+                self._slots = None
             if self.model is not None:
                 self.model.close()
             self.model = None

@@ -217,9 +217,8 @@ class StageModel:
         import torch.nn.functional as F
 
         config = self.config
-        head_dim, n_heads, n_kv = config.head_dim, config.n_heads, config.n_kv_heads
+        head_dim, n_heads, n_kv, q_size = config.head_dim, config.n_heads, config.n_kv_heads, config.q_size
         group = n_heads // n_kv
-        q_size, kv_size, ffn = config.q_size, config.kv_size, config.ffn_size
         rows = x.shape[0]
         rotate = self._rotary(positions)
         scale = head_dim**-0.5
@@ -234,14 +233,8 @@ class StageModel:
             queries = torch.arange(seq.position, seq.position + seq.length, device=self.device)
             masks.append((keys[None, :] <= queries[:, None]).repeat(group, 1))
         single = len(sequences) == 1
-        project, add_project, normalize = self._project, self._add_project, self._normalize
         for index, block in enumerate(self.blocks):
-            h = normalize(x)  # RMSNorm; its gain is folded into qkv
-            qkv = project(h, block.qkv, block.qkv_bias)
-            qk = rotate(qkv[:, : q_size + kv_size].view(rows, n_heads + n_kv, head_dim))
-            q = qk[:, :n_heads]
-            k = qk[:, n_heads:]
-            v = qkv[:, q_size + kv_size :].view(rows, n_kv, head_dim)
+            q, k, v = self._attention_inputs(x, block, rotate)
             attn = None if single else torch.empty(rows, q_size, device=self.device, dtype=x.dtype)
             for seq, mask in zip(sequences, masks):
                 start, end, length = seq.row, seq.row + seq.length, seq.position + seq.length
@@ -265,11 +258,53 @@ class StageModel:
                     attn = out
                 else:
                     attn[start:end] = out
-            x = add_project(x, attn, block.out)
-            h = normalize(x)  # its gain is folded into gate_up
-            gate_up = project(h, block.gate_up)
-            x = add_project(x, F.silu(gate_up[:, :ffn]).mul_(gate_up[:, ffn:]), block.down)
+            x = self._mlp(self._add_project(x, attn, block.out), block)
         return x
+
+    def decode_rows(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, pool: torch.Tensor, span: int) -> torch.Tensor:
+        """One new position for each row of ``x`` (rows, hidden): row ``b`` continues the sequence
+        in slot ``slots[b]`` of ``pool`` (layers, K/V, slots, kv heads, context, head_dim) at
+        ``positions[b]``, and attends to that slot's first ``span`` positions (those past
+        ``positions[b]`` masked). Every shape depends only on the row count and ``span``, and
+        nothing reads a value back to the host, so a CUDA graph can capture it (:mod:`skulk_torch.graphs`).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        config = self.config
+        rows, n_kv = x.shape[0], config.n_kv_heads
+        rotate = self._rotary(positions)
+        keys = torch.arange(span, device=self.device)
+        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (rows, 1, 1, span)
+        for index, block in enumerate(self.blocks):
+            q, k, v = self._attention_inputs(x, block, rotate)
+            k_pool, v_pool = pool[index, 0], pool[index, 1]  # (slots, kv heads, context, head_dim)
+            k_pool[slots, :, positions] = k
+            v_pool[slots, :, positions] = v
+            # Heads h = kv * group + g share kv head ``kv``: the group is the query length.
+            queries = q.reshape(rows, n_kv, config.n_heads // n_kv, config.head_dim)
+            out = F.scaled_dot_product_attention(queries, k_pool[slots, :, :span], v_pool[slots, :, :span], attn_mask=mask)
+            x = self._mlp(self._add_project(x, out.reshape(rows, config.q_size), block.out), block)
+        return x
+
+    def _attention_inputs(
+        self, x: torch.Tensor, block: Block, rotate: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block's rotated queries (rows, heads, head_dim), rotated keys and values (rows, kv
+        heads, head_dim) for the rows of ``x``."""
+        config = self.config
+        rows, n_heads, head_dim, qk_size = x.shape[0], config.n_heads, config.head_dim, config.q_size + config.kv_size
+        qkv = self._project(self._normalize(x), block.qkv, block.qkv_bias)  # the norm's gain is folded into qkv
+        qk = rotate(qkv[:, :qk_size].view(rows, n_heads + config.n_kv_heads, head_dim))
+        return qk[:, :n_heads], qk[:, n_heads:], qkv[:, qk_size:].view(rows, config.n_kv_heads, head_dim)
+
+    def _mlp(self, x: torch.Tensor, block: Block) -> torch.Tensor:
+        """``x`` plus the block's MLP of it (the norm's gain is folded into gate_up)."""
+        import torch.nn.functional as F
+
+        ffn = self.config.ffn_size
+        gate_up = self._project(self._normalize(x), block.gate_up)
+        return self._add_project(x, F.silu(gate_up[:, :ffn]).mul_(gate_up[:, ffn:]), block.down)
 
     def _rotary(self, positions: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """A function rotating (rows, heads, head_dim) at ``positions``, pairs (2i, 2i+1) by frequency i."""

@@ -50,9 +50,13 @@ class TorchSettings:
       (a batch of sequences, a prompt); ``blas``: torch's BLAS (MKL on x86-64) on transposed
       matrices, the faster of the two on Intel's CPUs, where MKL runs its own kernels. ``auto``:
       ``blas`` on an Intel CPU, else ``onednn`` where this torch has it (x86-64), else ``blas``.
+    - ``cuda_graphs``: on a CUDA GPU, hold the KV caches in one pool allocated at load and replay
+      each decode step as a captured CUDA graph (:mod:`skulk_torch.graphs`); ``false`` runs every
+      step operation by operation, with caches that grow as requests do.
     """
 
     device: str = field(default="auto", validator=_device_name)
     dtype: str = field(default="auto", validator=_one_of(DTYPES))
     tokenizer: str = field(default="auto", validator=_one_of(TOKENIZERS))
     cpu_matmul: str = field(default="auto", validator=_one_of(CPU_MATMULS))
+    cuda_graphs: bool = True

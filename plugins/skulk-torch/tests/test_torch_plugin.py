@@ -566,3 +566,83 @@ def test_tokenizers_route_matches_llama_cpp_on_the_default_pre_tokenizer(tmp_pat
         for parse_special in (True, False):
             assert built.encode(text, parse_special=parse_special) == exact.encode(text, parse_special=parse_special), text
     assert all(built.token_bytes(t) == exact.token_bytes(t) for t in range(exact.vocab_size))
+
+
+# -- KV slots and static-shape decode steps (the CUDA-graph path, run eagerly here) --------------
+
+
+def _slotted(engine: Any) -> Any:
+    """``engine`` with its caches in a pool and its decode steps through :class:`DecodeSlots`,
+    as on a GPU, but run eagerly (no graph capture)."""
+    from skulk_torch.graphs import DecodeSlots
+
+    engine._slots = DecodeSlots(engine.model, engine.max_sequences, engine.context_length, capture=False)
+    return engine
+
+
+def test_decode_slots_give_the_forward_passes_logits(tmp_path: Path) -> None:
+    """Prefills, mixed steps and decode steps of 1 to 3 sequences (padded to 4 rows), a release
+    and a reuse of its slot, and a sequence crossing from one attention span to the next."""
+    model = make_tiny("qwen2", n_layers=2)
+    path = write_gguf(model, tmp_path / "tiny.gguf")
+    eager = _load(path, context_length=320, max_sequences=4)
+    slotted = _slotted(_load(path, context_length=320, max_sequences=4))
+    rng = np.random.default_rng(3)
+    prompts = {rid: [int(t) for t in rng.integers(0, 256, n)] for rid, n in (("a", 5), ("b", 250), ("c", 3), ("d", 7))}
+    positions: dict[str, int] = {}
+    last: dict[str, int] = {}
+
+    def step(chunks: list[tuple[str, Sequence[int]]]) -> None:
+        batch = [SequenceChunk(rid, positions.get(rid, 0), tuple(tokens)) for rid, tokens in chunks]
+        want = anyio.run(eager.step, batch)
+        got = anyio.run(slotted.step, batch)
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(g.logits, w.logits, atol=1e-4 * np.abs(w.logits).max(), rtol=0)
+        for (rid, tokens), w in zip(chunks, want):
+            positions[rid] = positions.get(rid, 0) + len(tokens)
+            last[rid] = int(np.argmax(w.logits))
+
+    try:
+        step([("a", prompts["a"]), ("b", prompts["b"])])  # prefills: the ordinary forward pass
+        for _ in range(8):  # b crosses from the 256-position span to the 320 one
+            step([("a", [last["a"]]), ("b", [last["b"]])])
+        step([("a", [last["a"]]), ("c", prompts["c"])])  # a mixed step
+        for _ in range(3):
+            step([("a", [last["a"]]), ("b", [last["b"]]), ("c", [last["c"]])])  # 3 rows, padded to 4
+        anyio.run(eager.release, "b")
+        anyio.run(slotted.release, "b")
+        step([("d", prompts["d"])])  # takes b's slot
+        for _ in range(3):
+            step([("c", [last["c"]]), ("d", [last["d"]]), ("a", [last["a"]])])
+        assert slotted.live_sequences == 3
+        # A slot always holds the whole context: three slots of 320 positions, 2 layers, K and V.
+        assert slotted.cache_bytes() == 3 * 2 * 2 * model.n_kv_heads * 320 * model.head_dim * 4
+        for rid in "acd":
+            anyio.run(slotted.release, rid)
+        assert sorted(slotted._slots._free) == [0, 1, 2, 3]
+        # (rows, span) of the static-shape steps that ran: 2 rows, then 3 padded to 4, each span
+        assert set(slotted._slots._steps) == {(2, 256), (2, 320), (4, 320), (4, 256)}
+    finally:
+        for engine in (eager, slotted):
+            anyio.run(engine.close)
+
+
+def test_decode_slots_chain_stages(tmp_path: Path) -> None:
+    """A first stage's decode rows go to the next stage as activations, as from the forward pass."""
+    model = make_tiny("llama", n_layers=3, tied=True)
+    path = write_gguf(model, tmp_path / "tiny.gguf")
+    whole = _load(path)
+    chain = LocalChain([_slotted(_load(path, ShardRange(0, 1, 3))), _slotted(_load(path, ShardRange(1, 3, 3)))])
+    try:
+        tokens = list(TOKENS[:6])
+        (want,) = anyio.run(whole.step, [SequenceChunk("r", 0, tuple(tokens))])
+        (got,) = anyio.run(chain.step, [SequenceChunk("r", 0, tuple(tokens))])
+        for position in range(6, 12):
+            token = int(np.argmax(want.logits))
+            np.testing.assert_allclose(got.logits, want.logits, atol=1e-4 * np.abs(want.logits).max(), rtol=0)
+            (want,) = anyio.run(whole.step, [SequenceChunk("r", position, (token,))])
+            (got,) = anyio.run(chain.step, [SequenceChunk("r", position, (token,))])
+        np.testing.assert_allclose(got.logits, want.logits, atol=1e-4 * np.abs(want.logits).max(), rtol=0)
+    finally:
+        anyio.run(whole.close)
+        anyio.run(chain.close)
