@@ -139,7 +139,8 @@ class DecodeSlots:
                 self._run(x, positions, slots, span)
         torch.cuda.current_stream(model.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._memory):
+        # thread_local: another engine of this process may load or step on its own thread meanwhile
+        with torch.cuda.graph(graph, pool=self._memory, capture_error_mode="thread_local"):
             out = self._run(x, positions, slots, span)
         return _Captured(graph, x, positions, slots, out)
 
