@@ -111,7 +111,8 @@ class DecodeSlots:
         step.positions.copy_(index, non_blocking=True)
         step.slots.copy_(where, non_blocking=True)
         if step.graph is not None:
-            step.graph.replay()
+            with torch.cuda.device(self.model.device):  # a graph replays on its device's current stream
+                step.graph.replay()
             return step.out[:count]
         return self._run(step.x, step.positions, step.slots, span)[:count]
 
@@ -132,6 +133,13 @@ class DecodeSlots:
         slots = torch.full((rows,), self.scratch, dtype=torch.int64, device=model.device)
         if not self.capture:
             return _Captured(None, x, positions, slots, x)
+        with torch.cuda.device(model.device):  # the stage's GPU, which need not be the thread's current one
+            return self._capture(span, x, positions, slots)
+
+    def _capture(self, span: int, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> _Captured:
+        import torch
+
+        model = self.model
         side = torch.cuda.Stream(model.device)
         side.wait_stream(torch.cuda.current_stream(model.device))
         with torch.cuda.stream(side):
