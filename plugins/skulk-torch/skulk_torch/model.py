@@ -14,9 +14,8 @@ A decode step is bound by memory bandwidth: every weight is read once per step. 
 are held depends on where the products run (:data:`LAYOUTS`):
 
 - ``onednn`` (float32 on an x86-64 CPU that is not Intel's, the default there): each matrix is
-  packed once, at load,
-  into oneDNN's blocked layout and multiplied with oneDNN's matmul, as torch's own compiler does for
-  CPU inference. Its products cost about the same for 1, 2 or 4 rows, where MKL's grow with every
+  packed once, at load, into oneDNN's blocked layout and multiplied with oneDNN's matmul, as
+  torch's own compiler does for CPU inference. Its products cost about the same for 1, 2 or 4 rows, where MKL's grow with every
   row, and on an AMD CPU, where MKL takes a generic path, even one row is faster. Measured on this
   project's 2-core AMD EPYC, the default model's products, one thread: 20 / 17 / 20 ms for 1 / 2 / 4
   rows against MKL's 25 / 38 / 49 ms.
