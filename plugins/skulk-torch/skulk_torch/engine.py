@@ -82,10 +82,7 @@ class TorchEngine:
         self.dtype = model.dtype
         self.layout = model.layout  # how its matrices are held and multiplied (skulk_torch.model.LAYOUTS)
         self._sequences: dict[str, _Sequence] = {}
-        # Decode steps as CUDA graphs over one KV pool (a GPU only; see skulk_torch.graphs).
-        self._slots: DecodeSlots | None = None
-        if model.device.type == "cuda" and options.settings_as(TorchSettings, "torch").cuda_graphs:
-            self._slots = DecodeSlots(model, options.max_sequences, options.context_length, capture=True)
+        self._slots = decode_slots(model, options)  # decode steps as CUDA graphs over one KV pool (a GPU only)
         self._lock = threading.Lock()
         self._thread = EngineThread(f"torch {card.id} [{shard.start}, {shard.end})")  # steps and releases, in order
 
@@ -306,6 +303,26 @@ class TorchEngine:
             close = getattr(self.tokenizer, "close", None)
             if close is not None:
                 close()
+
+
+def decode_slots(model: StageModel, options: EngineOptions) -> DecodeSlots | None:
+    """The stage's KV pool and decode graphs (:mod:`skulk_torch.graphs`), on a CUDA device with
+    ``torch.cuda_graphs``; None elsewhere. A pool the GPU cannot hold fails the load, saying what to change."""
+    import torch
+
+    if model.device.type != "cuda" or not options.settings_as(TorchSettings, "torch").cuda_graphs:
+        return None
+    try:
+        return DecodeSlots(model, options.max_sequences, options.context_length, capture=True)
+    except torch.OutOfMemoryError as exc:
+        config = model.config
+        size = len(model.blocks) * 2 * (options.max_sequences + 1) * config.kv_size * options.context_length
+        size *= torch.empty((), dtype=model.dtype).element_size()
+        raise BackendError(
+            f"the KV cache pool for {options.max_sequences} sequences of {options.context_length} positions "
+            f"({size / 2**30:.2f} GiB) does not fit on {model.device}: lower serve.max_sequences or "
+            "serve.context_length, or set torch.cuda_graphs: false (caches then grow as requests do)"
+        ) from exc
 
 
 def _from_tensor(tensor: Tensor) -> torch.Tensor:

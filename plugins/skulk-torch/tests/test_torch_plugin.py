@@ -646,3 +646,31 @@ def test_decode_slots_chain_stages(tmp_path: Path) -> None:
     finally:
         anyio.run(whole.close)
         anyio.run(chain.close)
+
+
+def test_a_kv_pool_the_gpu_cannot_hold_fails_the_load_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where decode graphs would pool the caches on a GPU that is too small, the load says what to
+    change (the GPU itself is faked: the stage is on the CPU, told it is on cuda)."""
+    import torch
+
+    from skulk_torch import engine as engine_module
+
+    model = make_tiny("llama", n_layers=2)
+    engine = _load(write_gguf(model, tmp_path / "tiny.gguf"))
+    try:
+        stage = engine.model
+        monkeypatch.setattr(stage, "device", torch.device("cuda"))
+
+        def too_big(*_: object, **__: object) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+        monkeypatch.setattr(engine_module, "DecodeSlots", too_big)
+        options = EngineOptions(context_length=4096, max_sequences=15)
+        # 2 layers x K and V x 16 slots (one scratch) x 2 kv heads x 16 x 4096 positions x 4 bytes = 1/32 GiB
+        with pytest.raises(BackendError, match=r"15 sequences of 4096 positions \(0\.03 GiB\) does not fit on cuda.*torch.cuda_graphs: false"):
+            engine_module.decode_slots(stage, options)
+        assert engine_module.decode_slots(stage, EngineOptions(context_length=64, settings=TorchSettings(cuda_graphs=False))) is None
+        monkeypatch.setattr(stage, "device", torch.device("cpu"))
+        assert engine_module.decode_slots(stage, options) is None
+    finally:
+        anyio.run(engine.close)
