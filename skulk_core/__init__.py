@@ -41,6 +41,7 @@ from skulk_core.inference import (
 from skulk_core.model import DEFAULT_MODEL_ID, ModelCard, ModelFiles, ModelSource, default_model_path
 from skulk_core.placement import (
     Accelerator,
+    BackendSite,
     NodeResources,
     NodeView,
     Placement,
@@ -67,7 +68,7 @@ from skulk_core.transport import ByteStream, Connection, PeerAnnouncement, Trans
 __version__ = "0.1.0"
 
 __all__ = [
-    "Accelerator", "AuthenticationError", "Backend", "BackendCapabilities", "BackendError",
+    "Accelerator", "AuthenticationError", "Backend", "BackendCapabilities", "BackendError", "BackendSite",
     "BackendRegistry", "ByteStream", "ClusterEvent", "CommandRegistry", "Config", "ConfigError",
     "ConfigLoader", "ConfigSectionRegistry", "Connection", "DEFAULT_MODEL_ID", "DuplicateNameError",
     "EmbeddingEngine", "Engine", "EngineThread", "GeneratedToken", "GenerationChunk", "GenerationRequest",

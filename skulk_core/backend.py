@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 from attrs import field, frozen
 
 from skulk_core.model import ModelCard, ModelFiles
-from skulk_core.placement import ShardRange
+from skulk_core.placement import BackendSite, ShardRange
 from skulk_core.tensor import Tensor
 
 S = TypeVar("S")  # a backend's settings class
@@ -163,6 +163,16 @@ class TokenizerLoader(Protocol):
     the head of a pipeline can still render chat and count tokens for requests it forwards."""
 
     async def load_tokenizer(self, card: ModelCard, files: ModelFiles) -> Tokenizer: ...
+
+
+@runtime_checkable
+class MemorySiteReporter(Protocol):
+    """Optionally implemented by a backend whose stages live outside the node's system memory (a
+    GPU): where, and how many bytes are free there, for placement to size its stages by. Called
+    with the backend's config section (or None) for every heartbeat's resources, so it must be
+    cheap (cache what it reads for a few seconds). None: the stages live in system memory."""
+
+    def memory_site(self, settings: object | None) -> BackendSite | None: ...
 
 
 @runtime_checkable

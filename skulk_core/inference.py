@@ -25,7 +25,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 from attrs import define, field, frozen
 
-from skulk_core.backend import SequenceChunk, StageOutput, Tokenizer
+from skulk_core.backend import MemorySiteReporter, SequenceChunk, StageOutput, Tokenizer
 from skulk_core.chat import render_chat
 from skulk_core.constraints import JsonObjectConstraint, TokenConstraint, TokenTexts
 from skulk_core.errors import ModelError, PlacementError, RequestError, SkulkError, TransportError
@@ -450,12 +450,25 @@ def local_resources(node: Node) -> NodeResources:
     import psutil
 
     memory = psutil.virtual_memory()
+    registry = node.plugins.backends()
+    sites = {}
+    for name in registry.names():
+        backend = registry.backend(name)
+        if isinstance(backend, MemorySiteReporter):
+            try:
+                site = backend.memory_site(node.config.extra.get(name))
+            except Exception:  # a backend that cannot tell keeps its stages sized by system memory
+                log.exception("backend %s could not report where its stages live", name)
+                site = None
+            if site is not None:
+                sites[name] = site
     return NodeResources(
         memory_total=memory.total,
         memory_available=memory.available,
         cpu_count=os.cpu_count() or 1,
         memory_limit=node.config.node.memory_limit_bytes,
-        backends=tuple(node.plugins.backends().names()),
+        backends=tuple(registry.names()),
+        sites=sites,
     )
 
 

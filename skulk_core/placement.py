@@ -56,6 +56,15 @@ class Accelerator:
 
 
 @frozen
+class BackendSite:
+    """Where a backend's stages live on a node other than in its system memory (a GPU), and the
+    bytes free there, as the backend reports it (``Backend.memory_site``)."""
+
+    device: str  # as EngineOptions.device names it: "cuda", "cuda:1"
+    memory_available: int
+
+
+@frozen
 class NodeResources:
     """What a node offers, as it reports in its heartbeats."""
 
@@ -66,12 +75,27 @@ class NodeResources:
     accelerators: tuple[Accelerator, ...] = field(default=(), converter=tuple)
     backends: tuple[str, ...] = field(default=(), converter=tuple)
     models: tuple[str, ...] = field(default=(), converter=tuple)
+    # by backend name: where that backend's stages would live, when not in system memory
+    sites: dict[str, BackendSite] = field(factory=dict)
 
     @property
     def usable_memory(self) -> int:
-        if self.memory_limit is None:
-            return self.memory_available
-        return min(self.memory_available, self.memory_limit)
+        """System memory a stage may take: what is available, capped by ``--memory-limit``."""
+        return self._capped(self.memory_available)
+
+    def usable_for(self, backend: str) -> int:
+        """Memory a stage of ``backend`` may take here: its site's (a GPU's) or the system's, capped
+        by ``--memory-limit``."""
+        site = self.sites.get(backend)
+        return self._capped(self.memory_available if site is None else site.memory_available)
+
+    def device_for(self, backend: str) -> str | None:
+        """The device ``backend``'s stages would use here, when it reported one."""
+        site = self.sites.get(backend)
+        return None if site is None else site.device
+
+    def _capped(self, available: int) -> int:
+        return available if self.memory_limit is None else min(available, self.memory_limit)
 
 
 @frozen

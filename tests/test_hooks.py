@@ -62,7 +62,7 @@ def test_every_hook_is_reached_through_the_facade(node, calls):
 
     backends = plugins.backends()
     assert last_call(calls, "skulk_register_backends")["registry"] is backends
-    assert backends.names() == ["fake", "fake-whole", "fake-slow-blocks"]
+    assert backends.names() == ["fake", "fake-whole", "fake-slow-blocks", "fake-gpu"]
     assert plugins.backends() is backends  # registered once per plugin set
 
     placement = plugins.place(CARD, NODES, REQUEST)  # the recorder defers, the builtin places
@@ -119,3 +119,25 @@ def test_hook_specs_are_documented_in_code():
                 spec = getattr(cls, name)
                 assert spec.__doc__ and len(spec.__doc__.strip()) > 40, name
                 assert spec.__annotations__.get("return"), f"{name} has no return annotation"
+
+
+def test_a_node_reports_where_backends_keep_their_stages(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``local_resources`` asks every backend that implements ``memory_site`` (with its config
+    section) where its stages would live; a backend that cannot tell is sized by system memory."""
+    from skulk_core import BackendSite
+    from skulk_core.inference import local_resources
+
+    def resources(section: object | None) -> NodeResources:
+        loader = ConfigLoader(env={}, cli={"node": {"data_dir": str(tmp_path / "node")}})
+        node = build_node(loader, plugins=[str(FAKES / "fake_backend.py")], autoload=False)
+        if section is not None:
+            node.config.extra["fake-gpu"] = section
+        return local_resources(node)
+
+    here = resources(None)
+    assert here.sites == {"fake-gpu": BackendSite("cuda:0", 2 * 1024**3)}
+    assert here.usable_for("fake-gpu") == 2 * 1024**3 and here.usable_for("fake") == here.memory_available
+    assert resources({"device": "cuda:1"}).sites == {"fake-gpu": BackendSite("cuda:1", 2 * 1024**3)}
+    assert resources({"device": "cpu"}).sites == {}
+    assert resources({"device": "broken"}).sites == {}
+    assert "backend fake-gpu could not report where its stages live" in caplog.text

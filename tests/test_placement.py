@@ -6,9 +6,11 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import attrs
 import pytest
 
 from skulk_core import (
+    BackendSite,
     ModelCard,
     ModelSource,
     NodeResources,
@@ -241,7 +243,7 @@ def test_placement_error_states_needed_and_available_memory(plugins):
 def test_placement_error_when_no_node_runs_the_backend(plugins):
     with pytest.raises(PlacementError, match="no backend can run fake-model: fake: no live node runs it"):
         place(plugins, [make_node("a", 100, backends=())], backend="fake")
-    with pytest.raises(PlacementError, match=r"nope: not installed \(registered backends: fake, fake-whole, fake-slow-blocks\)"):
+    with pytest.raises(PlacementError, match=r"nope: not installed \(registered backends: fake, fake-whole, fake-slow-blocks, fake-gpu\)"):
         place(plugins, [make_node("a", 100)], backend="nope")
 
 
@@ -283,3 +285,40 @@ def test_a_placement_plugin_takes_precedence_and_none_defers(write_plugin):
     # returning None hands over to the builtin, which runs last
     with pytest.raises(PlacementError, match="defer: not installed"):
         place(plugins, nodes, backend="defer")
+
+
+# -- stages on a GPU ---------------------------------------------------------------------------
+
+
+def on_gpu(node: NodeView, gpu_gib: float, backend: str = "fake", device: str = "cuda:0") -> NodeView:
+    """``node`` reporting that ``backend``'s stages would live on a GPU with ``gpu_gib`` free."""
+    sites = {backend: BackendSite(device, int(gpu_gib * GIB))}
+    return attrs.evolve(node, resources=attrs.evolve(node.resources, sites=sites))
+
+
+def test_a_stage_on_a_gpu_is_sized_by_the_gpus_memory(plugins):
+    """A node's 64 GiB of system memory do not count for a backend whose stages live on its GPU:
+    the GPU's free memory does, and the estimate is asked for that device (the fake halves it)."""
+    big_ram_small_gpu = on_gpu(make_node("a", 64), 8)
+    assert big_ram_small_gpu.resources.usable_for("fake") == 8 * GIB
+    assert big_ram_small_gpu.resources.usable_for("fake-whole") == 64 * GIB  # another backend: system memory
+    assert big_ram_small_gpu.resources.device_for("fake") == "cuda:0"
+    with pytest.raises(PlacementError, match=r"host-a \(a\) needs 15\.00 GiB for layers 0-29, has 7\.60 GiB"):
+        place(plugins, [big_ram_small_gpu], min_nodes=1, max_nodes=1)
+    # Two such GPUs hold the 30 layers at half a GiB each; sized by system memory at a GiB each,
+    # one node's 64 GiB would have taken the whole model.
+    two = [on_gpu(make_node("a", 64), fits(8)), on_gpu(make_node("b", 64), fits(8))]
+    assert layers(place(plugins, two)) == [("a", 15), ("b", 15)]
+    # --memory-limit caps a GPU's share too
+    capped = on_gpu(make_node("a", 64, limit_gib=4), 8)
+    assert capped.resources.usable_for("fake") == 4 * GIB
+
+
+def test_sites_travel_in_the_cluster_state():
+    """A node's sites reach the other nodes in its heartbeats (cattrs, the wire's converter)."""
+    from skulk_core.cluster.messages import Heartbeat
+    from skulk_core.wire import decode, encode
+
+    beat = Heartbeat("a", 1.0, 1, None, False, False, on_gpu(make_node("a", 64), 8).resources, 0)
+    assert decode(encode(beat)) == beat
+    assert decode(encode(beat)).resources.sites["fake"] == BackendSite("cuda:0", 8 * GIB)  # type: ignore[attr-defined]

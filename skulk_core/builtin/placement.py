@@ -21,6 +21,8 @@ import math
 import uuid
 from collections.abc import Sequence
 
+import attrs
+
 from skulk_core.backend import EngineOptions
 from skulk_core.errors import PlacementError
 from skulk_core.hookspecs import hookimpl
@@ -128,7 +130,7 @@ def _plans(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest
             for n in nodes
             if not n.excluded and n.node_id not in request.exclude_nodes and backend_name in n.resources.backends
         ),
-        key=lambda n: (-n.resources.usable_memory, n.node_id),
+        key=lambda n: (-n.resources.usable_for(backend_name), n.node_id),
     )
     options = EngineOptions(
         context_length=request.context_length or card.context_length, max_sequences=request.max_sequences
@@ -147,7 +149,7 @@ def _plans(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest
     head = head_blocks(card, backend.capabilities.block_overhead)
     for count in range(max(request.min_nodes, 1), most + 1):
         chosen = candidates[:count]
-        memory = [n.resources.usable_memory for n in chosen]
+        memory = [n.resources.usable_for(backend_name) for n in chosen]
         splits = [split_work(card.n_layers, head, memory)]
         if splits[0] != (by_layers := split_layers(card.n_layers, memory)):
             splits.append(by_layers)  # the balanced split may overfill a node the plain one does not
@@ -155,8 +157,9 @@ def _plans(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest
             stages, problems = [], []
             for node, (start, end) in zip(chosen, ranges):
                 shard = ShardRange(start, end, card.n_layers)
-                need = backend.estimate_memory(card, shard, options)
-                have = int(node.resources.usable_memory * (1 - SAFETY_MARGIN))
+                # sized for where the stage would live on that node (a GPU holds half-precision weights)
+                need = backend.estimate_memory(card, shard, attrs.evolve(options, device=node.resources.device_for(backend_name)))
+                have = int(node.resources.usable_for(backend_name) * (1 - SAFETY_MARGIN))
                 if need > have:
                     problems.append(f"{node.name} ({node.node_id}) needs {_fmt(need)} for layers {start}-{end - 1}, has {_fmt(have)}")
                 stages.append(StageAssignment(node.node_id, shard, backend_name))

@@ -682,8 +682,14 @@ class Cluster:
 def _changed(record: NodeRecord, resources: NodeResources, addresses: tuple[str, ...], api_url: str | None) -> bool:
     old = record.resources
     moved = abs(old.memory_available - resources.memory_available) > 0.05 * max(old.memory_total, 1)
+    sites_moved = old.sites.keys() != resources.sites.keys() or any(
+        site.device != old.sites[name].device
+        or abs(site.memory_available - old.sites[name].memory_available) > 0.05 * max(old.sites[name].memory_available, 1)
+        for name, site in resources.sites.items()
+    )
     return (
         moved
+        or sites_moved
         or old.backends != resources.backends
         or old.models != resources.models
         or old.memory_limit != resources.memory_limit
@@ -700,5 +706,6 @@ def _resources_json(resources: NodeResources) -> dict[str, Any]:
         "cpu_count": resources.cpu_count,
         "accelerators": [{"kind": a.kind, "name": a.name, "memory_total": a.memory_total} for a in resources.accelerators],
         "backends": list(resources.backends),
+        "sites": {name: {"device": s.device, "memory_available": s.memory_available} for name, s in resources.sites.items()},
         "models": list(resources.models),
     }

@@ -13,7 +13,9 @@ import math
 import os
 import platform
 import re
+import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -26,6 +28,7 @@ import attrs
 from skulk_core import (
     BackendCapabilities,
     BackendError,
+    BackendSite,
     Engine,
     EngineOptions,
     ModelCard,
@@ -129,6 +132,19 @@ class TorchBackend:
         rotary = 2 * options.context_length * config.head_dim * element
         tokenizer = TOKENIZER_BYTES if shard.is_first else 0
         return params * element + kv + activations + rotary + tokenizer + RUNTIME_OVERHEAD_BYTES
+
+    def memory_site(self, settings: object | None) -> BackendSite | None:
+        """Where this node's stages would live when not in system memory: the CUDA GPU that the
+        ``device`` setting names (or the first, for ``auto`` where there is one), with its free
+        memory as ``nvidia-smi`` reports it. None on a CPU or Apple's MPS (unified memory), and
+        where the GPU's memory cannot be read."""
+        chosen = settings.device if isinstance(settings, TorchSettings) else "auto"
+        if chosen == "auto":
+            chosen = "cuda" if "cuda" in self.capabilities.devices else "cpu"
+        if not chosen.startswith("cuda"):
+            return None
+        free = gpu_free_memory().get(int(chosen.partition(":")[2] or 0))
+        return None if free is None else BackendSite(chosen, free)
 
     async def load(self, card: ModelCard, files: ModelFiles, shard: ShardRange, options: EngineOptions) -> Engine:
         """Load ``shard`` from ``files.primary`` in a worker thread and return its engine."""
@@ -234,6 +250,60 @@ def _return_freed_memory() -> None:
 
 
 # -- devices -------------------------------------------------------------------------------------
+
+GPU_MEMORY_TTL_S = 5.0  # how old a reading of the GPUs' free memory may be before it is refreshed
+_gpu_memory: tuple[float, dict[int, int]] | None = None
+_gpu_refreshing = threading.Lock()
+
+
+def gpu_free_memory() -> dict[int, int]:
+    """Free bytes of each CUDA device torch would number 0, 1, ... in this process (after
+    ``CUDA_VISIBLE_DEVICES``), read with ``nvidia-smi`` without importing torch; {} where it cannot
+    be read. Nodes ask on their event loop every couple of seconds: after the first reading, a
+    reading older than ``GPU_MEMORY_TTL_S`` is returned while a thread takes the next."""
+    global _gpu_memory
+    cached = _gpu_memory
+    if cached is None:
+        _gpu_memory = (time.monotonic(), _read_gpu_memory())
+        return _gpu_memory[1]
+    if time.monotonic() - cached[0] >= GPU_MEMORY_TTL_S and _gpu_refreshing.acquire(blocking=False):
+        threading.Thread(target=_refresh_gpu_memory, name="skulk-torch-gpu-memory", daemon=True).start()
+    return cached[1]
+
+
+def _refresh_gpu_memory() -> None:
+    global _gpu_memory
+    try:
+        _gpu_memory = (time.monotonic(), _read_gpu_memory())
+    finally:
+        _gpu_refreshing.release()
+
+
+def _read_gpu_memory() -> dict[int, int]:
+    found: dict[int, int] = {}
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,uuid,memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+        physical = {}
+        for line in done.stdout.splitlines():
+            index, uuid, free = (part.strip() for part in line.split(","))
+            physical[index] = physical[uuid] = int(free) * 2**20  # MiB
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        order = [v.strip() for v in visible.split(",") if v.strip()] if visible is not None else sorted(
+            (k for k in physical if k.isdigit()), key=int
+        )
+        for logical, name in enumerate(order):
+            match = physical.get(name)
+            if match is None:  # a UUID may be given by a prefix
+                match = next((v for k, v in physical.items() if k.startswith("GPU-") and k.startswith(name)), None)
+            if match is None:
+                break  # CUDA numbers the devices it can see up to the first it cannot
+            found[logical] = match
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        log.debug("no GPU memory reading: %s", exc)
+    return found
 
 
 def detect_devices() -> tuple[str, ...]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import numpy as np
 import pytest
 
@@ -674,3 +676,61 @@ def test_a_kv_pool_the_gpu_cannot_hold_fails_the_load_clearly(tmp_path: Path, mo
         assert engine_module.decode_slots(stage, options) is None
     finally:
         anyio.run(engine.close)
+
+
+# -- where a stage lives, for placement ----------------------------------------------------------
+
+
+@pytest.fixture
+def fake_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake ``nvidia-smi`` (no GPU here) reporting two GPUs with 1000 and 2000 MiB free."""
+    from skulk_torch import backend as backend_module
+
+    script = tmp_path / "bin" / "nvidia-smi"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\nprintf '0, GPU-aaaa-1111, 1000\\n1, GPU-bbbb-2222, 2000\\n'\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{script.parent}:{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(backend_module, "_gpu_memory", None)
+
+
+def test_a_gpu_stage_reports_the_gpus_free_memory(fake_nvidia_smi: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from skulk_core import BackendSite
+
+    from skulk_torch import backend as backend_module
+
+    mib = 2**20
+    backend = TorchBackend()
+    monkeypatch.setattr(backend, "capabilities", attrs.evolve(backend.capabilities, devices=("cuda", "cpu")))
+    assert backend.memory_site(TorchSettings(device="cuda:1")) == BackendSite("cuda:1", 2000 * mib)
+    assert backend.memory_site(None) == BackendSite("cuda", 1000 * mib)  # auto: the first GPU
+    assert backend.memory_site(TorchSettings(device="cpu")) is None
+    assert backend.memory_site(TorchSettings(device="cuda:2")) is None  # not there: sized by system memory
+    for visible, free in (("1", 2000), ("GPU-aaaa", 1000), ("1,0", 2000)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        monkeypatch.setattr(backend_module, "_gpu_memory", None)
+        assert backend.memory_site(TorchSettings(device="cuda")) == BackendSite("cuda", free * mib), visible
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(backend_module, "_gpu_memory", None)
+    assert backend.memory_site(TorchSettings(device="cuda")) is None
+    # no GPU seen, or no nvidia-smi: the stages are sized by system memory
+    monkeypatch.setattr(backend, "capabilities", attrs.evolve(backend.capabilities, devices=("cpu",)))
+    assert backend.memory_site(None) is None
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(backend_module, "_gpu_memory", None)
+    assert backend.memory_site(TorchSettings(device="cuda")) is None
+
+
+def test_a_stale_gpu_reading_is_refreshed_off_the_callers_thread(fake_nvidia_smi: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from skulk_torch import backend as backend_module
+
+    monkeypatch.setattr(backend_module, "_gpu_memory", (time.monotonic() - 60, {0: 1}))  # a minute old
+    assert backend_module.gpu_free_memory() == {0: 1}  # answered at once, from the old reading
+    deadline = time.monotonic() + 10
+    while backend_module._gpu_memory[1] == {0: 1} and time.monotonic() < deadline:  # type: ignore[index]
+        time.sleep(0.01)
+    assert backend_module.gpu_free_memory() == {0: 1000 * 2**20, 1: 2000 * 2**20}
