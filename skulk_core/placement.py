@@ -76,7 +76,7 @@ class NodeResources:
     backends: tuple[str, ...] = field(default=(), converter=tuple)
     models: tuple[str, ...] = field(default=(), converter=tuple)
     # by backend name: where that backend's stages would live, when not in system memory
-    sites: dict[str, BackendSite] = field(factory=dict)
+    sites: dict[str, BackendSite] = field(factory=dict, hash=False)  # (a dict cannot be hashed)
 
     @property
     def usable_memory(self) -> int:

@@ -322,3 +322,8 @@ def test_sites_travel_in_the_cluster_state():
     beat = Heartbeat("a", 1.0, 1, None, False, False, on_gpu(make_node("a", 64), 8).resources, 0)
     assert decode(encode(beat)) == beat
     assert decode(encode(beat)).resources.sites["fake"] == BackendSite("cuda:0", 8 * GIB)  # type: ignore[attr-defined]
+
+
+def test_resources_with_sites_stay_hashable():
+    a, b = (on_gpu(make_node("a", 64), 8).resources for _ in range(2))
+    assert a == b and hash(a) == hash(b) and a != make_node("a", 64).resources
