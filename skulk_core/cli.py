@@ -289,6 +289,11 @@ def place(api_url: str, api_key: str | None, model: str, min_nodes: int, backend
         _time.sleep(0.5)
 
 
+def _backend_label(name: str, site: dict | None) -> str:
+    """A backend's name, with the device its stages would use and the memory free there, if not system memory."""
+    return name if not site else f"{name}@{site['device']}({site['memory_available'] / 2**30:.1f}GiB)"
+
+
 @cli.command()
 @api_options
 @click.option("--json", "as_json", is_flag=True, help="Print the raw /state document.")
@@ -308,7 +313,7 @@ def status(api_url: str, api_key: str | None, as_json: bool) -> None:
         rows.append((
             n["node_id"], n["name"], "master" if n["is_master"] else "worker",
             f"{r['memory_available'] / 2**30:.1f}/{r['memory_total'] / 2**30:.1f} GiB", str(r["cpu_count"]),
-            ",".join(r["backends"]) or "-", seen,
+            ",".join(_backend_label(b, r.get("sites", {}).get(b)) for b in r["backends"]) or "-", seen,
         ))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     for row in rows:

@@ -340,3 +340,22 @@ def test_run_with_a_broken_plugin_names_it(start_skulk_run, tmp_path: Path):
     node = start_skulk_run("--plugin", str(plugin), wait=False)
     assert node.process.wait(timeout=30) == 1
     assert "Error: plugin 'broken': failed to load" in node.stderr and "--no-plugin broken" in node.stderr
+
+
+def test_status_shows_where_a_backends_stages_would_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from skulk_core import cli
+
+    node = {
+        "node_id": "n1", "name": "gpu-box", "is_master": True, "last_seen": None,
+        "resources": {
+            "memory_available": 60 * 2**30, "memory_total": 64 * 2**30, "cpu_count": 16,
+            "backends": ["llamacpp", "torch"],
+            "sites": {"torch": {"device": "cuda:0", "memory_available": int(7.6 * 2**30)}},
+        },
+    }
+    state = {"master_id": "n1", "election_round": 1, "index": 3, "node_id": "n1", "nodes": [node], "instances": []}
+    monkeypatch.setattr(cli, "_api_call", lambda *args: state)
+    out = CliRunner().invoke(cli.cli, ["status"]).output
+    assert "llamacpp,torch@cuda:0(7.6GiB)" in out and "60.0/64.0 GiB" in out
