@@ -12,6 +12,7 @@ from skulk_core.backend import (
     SequenceChunk,
     StageOutput,
     Tokenizer,
+    section_settings,
 )
 from skulk_core.config import Config, ConfigLoader, parse_size
 from skulk_core.errors import (
@@ -79,4 +80,5 @@ __all__ = [
     "RequestError", "SequenceChunk", "ServiceRegistry", "ShardRange", "SkulkError", "StageAssignment",
     "StageOutput", "Tensor", "Tokenizer", "TraceSpan", "Transport", "TransportContext",
     "TransportError", "TransportRegistry", "default_model_path", "error_body", "hookimpl", "hookspec", "node_id_for",
+    "section_settings",
 ]

@@ -58,16 +58,20 @@ class EngineOptions:
     settings: object | None = None
 
     def settings_as(self, cls: type[S], section: str) -> S:
-        """``settings`` as the backend's section class ``cls`` (its config section ``section``):
-        None gives the defaults, a mapping is taken as the section's fields."""
-        value = self.settings
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, Mapping):
-            return cls(**dict(value))
-        raise TypeError(f"{section} settings must be a {cls.__name__} or a mapping, got {type(value).__name__}")
+        """``settings`` as the backend's section class ``cls`` (see :func:`section_settings`)."""
+        return section_settings(self.settings, cls, section)
+
+
+def section_settings(value: object | None, cls: type[S], section: str) -> S:
+    """A backend's config section ``value`` as its class ``cls`` (section ``section``): None gives
+    the defaults, a mapping is taken as the section's fields."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return cls(**dict(value))
+    raise TypeError(f"{section} settings must be a {cls.__name__} or a mapping, got {type(value).__name__}")
 
 
 @frozen

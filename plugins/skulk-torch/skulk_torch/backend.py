@@ -36,6 +36,7 @@ from skulk_core import (
     ModelFiles,
     ShardRange,
     Tokenizer,
+    section_settings,
 )
 
 from skulk_torch.checkpoint import ARCHITECTURES, ModelConfig, read_config
@@ -138,7 +139,7 @@ class TorchBackend:
         ``device`` setting names (or the first, for ``auto`` where there is one), with its free
         memory as ``nvidia-smi`` reports it. None on a CPU or Apple's MPS (unified memory), and
         where the GPU's memory cannot be read."""
-        chosen = settings.device if isinstance(settings, TorchSettings) else "auto"
+        chosen = section_settings(settings, TorchSettings, "torch").device
         if chosen == "auto":
             chosen = "cuda" if "cuda" in self.capabilities.devices else "cpu"
         if not chosen.startswith("cuda"):

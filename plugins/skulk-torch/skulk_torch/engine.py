@@ -316,8 +316,7 @@ def decode_slots(model: StageModel, options: EngineOptions) -> DecodeSlots | Non
         return DecodeSlots(model, options.max_sequences, options.context_length, capture=True)
     except torch.OutOfMemoryError as exc:
         config = model.config
-        size = len(model.blocks) * 2 * (options.max_sequences + 1) * config.kv_size * options.context_length
-        size *= torch.empty((), dtype=model.dtype).element_size()
+        size = len(model.blocks) * 2 * (options.max_sequences + 1) * config.kv_size * options.context_length * model.dtype.itemsize
         raise BackendError(
             f"the KV cache pool for {options.max_sequences} sequences of {options.context_length} positions "
             f"({size / 2**30:.2f} GiB) does not fit on {model.device}: lower serve.max_sequences or "

@@ -15,12 +15,14 @@ import anyio
 import numpy as np
 import pytest
 
-from skulk_core import Engine, EngineOptions, ModelCard, ModelError, ModelFiles, SequenceChunk, ShardRange, default_model_path
+from skulk_core import Engine, ModelCard, ModelError, SequenceChunk, ShardRange, default_model_path
 from skulk_core.pipeline import LocalChain
 
 from skulk_torch import TorchBackend, TorchSettings
+from test_torch_engine import _load as _load_model
 from test_torch_engine import greedy, prompts  # noqa: F401 (prompts: the fixture, on this module's engine)
-from test_torch_plugin import TOKENS, _check_against_reference, _files
+from test_torch_plugin import TOKENS, _check_against_reference
+from test_torch_plugin import _load as _load_file
 from torch_tiny_models import make_tiny, write_gguf, write_safetensors
 
 torch = pytest.importorskip("torch")
@@ -29,10 +31,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch see
 
 
 def _load_tiny(path: Path, shard: ShardRange | None = None, *, device: str = "cuda", dtype: str = "auto", graphs: bool = True) -> Any:
-    card, files = _files(path)
-    settings = TorchSettings(dtype=dtype, cuda_graphs=graphs)
-    options = EngineOptions(context_length=64, max_sequences=3, threads=1, device=device, settings=settings)
-    return anyio.run(TorchBackend().load, card, files, shard or ShardRange.whole(card.n_layers), options)
+    return _load_file(path, shard, device=device, settings=TorchSettings(dtype=dtype, cuda_graphs=graphs))
 
 
 def test_the_backend_offers_cuda_first_and_bfloat16_by_default() -> None:
@@ -93,9 +92,6 @@ def test_a_cpu_stage_chains_to_a_gpu_stage(tmp_path: Path) -> None:
 # -- the default model ---------------------------------------------------------------------------
 
 
-CONTEXT = 256
-
-
 @pytest.fixture(scope="module")
 def card() -> ModelCard:
     try:
@@ -105,11 +101,7 @@ def card() -> ModelCard:
 
 
 def _load(card: ModelCard, shard: ShardRange, device: str, dtype: str = "auto", graphs: bool = True) -> Engine:
-    files = ModelFiles(card.id, "gguf", default_model_path())
-    options = EngineOptions(
-        context_length=CONTEXT, max_sequences=4, threads=1, device=device, settings=TorchSettings(dtype=dtype, cuda_graphs=graphs)
-    )
-    return anyio.run(TorchBackend().load, card, files, shard, options)
+    return _load_model(card, shard, device, dtype=dtype, cuda_graphs=graphs)
 
 
 @pytest.fixture(scope="module")

@@ -41,10 +41,10 @@ def card() -> ModelCard:
     return ModelCard.from_gguf(default_model_path())
 
 
-def _load(card: ModelCard, shard: ShardRange, **settings: object) -> Engine:
+def _load(card: ModelCard, shard: ShardRange, device: str = "cpu", **settings: object) -> Engine:
     files = ModelFiles(card.id, "gguf", default_model_path())
     # One thread: on a shared 2-core machine a busy neighbour stalls every 2-thread parallel region.
-    options = EngineOptions(context_length=CONTEXT, max_sequences=4, threads=1, device="cpu", settings=TorchSettings(**settings))  # type: ignore[arg-type]
+    options = EngineOptions(context_length=CONTEXT, max_sequences=4, threads=1, device=device, settings=TorchSettings(**settings))  # type: ignore[arg-type]
     return anyio.run(TorchBackend().load, card, files, shard, options)
 
 

@@ -704,6 +704,7 @@ def test_a_gpu_stage_reports_the_gpus_free_memory(fake_nvidia_smi: None, monkeyp
     backend = TorchBackend()
     monkeypatch.setattr(backend, "capabilities", attrs.evolve(backend.capabilities, devices=("cuda", "cpu")))
     assert backend.memory_site(TorchSettings(device="cuda:1")) == BackendSite("cuda:1", 2000 * mib)
+    assert backend.memory_site({"device": "cuda:1"}) == BackendSite("cuda:1", 2000 * mib)  # the section as a mapping
     assert backend.memory_site(None) == BackendSite("cuda", 1000 * mib)  # auto: the first GPU
     assert backend.memory_site(TorchSettings(device="cpu")) is None
     assert backend.memory_site(TorchSettings(device="cuda:2")) is None  # not there: sized by system memory
