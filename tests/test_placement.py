@@ -327,3 +327,18 @@ def test_sites_travel_in_the_cluster_state():
 def test_resources_with_sites_stay_hashable():
     a, b = (on_gpu(make_node("a", 64), 8).resources for _ in range(2))
     assert a == b and hash(a) == hash(b) and a != make_node("a", 64).resources
+
+
+def test_a_gpu_node_gets_the_layers_it_can_hold_not_its_bytes_share(plugins):
+    """Beside a CPU node, a GPU holding half-precision weights (the fake halves a stage on CUDA)
+    counts for twice its bytes: splits and the choice of nodes follow the layers each can hold."""
+    cpu, gpu = make_node("cpu", fits(18)), on_gpu(make_node("gpu", 64), fits(8))
+    # By bytes (18 against 8 GiB) the CPU node would get 21 of 30 layers, 3 more than it holds, and
+    # the model would not fit on the two; by layers held (18 against 16) it gets 16, the GPU 14.
+    assert layers(place(plugins, [cpu, gpu])) == [("cpu", 16), ("gpu", 14)]
+    # The fewest nodes: a GPU of 10 GiB holds all 20 layers of a model that 15 GiB of CPU memory does
+    # not, so it is chosen alone although it has fewer bytes.
+    small_gpu, bigger_cpu = on_gpu(make_node("g", 64), fits(10)), make_node("c", fits(15))
+    assert layers(place(plugins, [bigger_cpu, small_gpu], card=make_card(n_layers=20))) == [("g", 20)]
+    # Nodes on the same device split as before, by memory.
+    assert layers(place(plugins, [make_node("a", fits(20)), make_node("b", fits(10))])) == [("a", 20), ("b", 10)]

@@ -1,8 +1,11 @@
 """Builtin placement plugin: memory-weighted pipeline placement.
 
 Choose the fewest nodes (at least ``min_nodes``) whose usable memory, less a safety margin, holds
-the model; split the model in proportion to each node's usable memory, at least one layer each.
-Usable memory is the node's available memory, capped by its ``--memory-limit``. The memory a stage
+the model; split the model in proportion to what each node can hold, at least one layer each.
+Usable memory is the node's available memory, or its GPU's free memory for a backend that puts its
+stages there (``memory_site``), capped by its ``--memory-limit``. What a node can hold is that
+memory over what the whole model would need on its device: a GPU that stores half-precision weights
+holds twice the layers a CPU node of the same bytes holds in single precision. The memory a stage
 needs comes from its backend's estimate (weights for its layers, KV cache for the configured context
 and sequences, runtime overhead). It runs last, so any other placement plugin can take precedence.
 
@@ -23,7 +26,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from skulk_core.backend import EngineOptions
+from skulk_core.backend import Backend, EngineOptions
 from skulk_core.errors import PlacementError
 from skulk_core.hookspecs import hookimpl
 from skulk_core.model import ModelCard
@@ -124,16 +127,17 @@ def _plans(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest
     """Yield (node_count, Placement | None, reason) for every node count worth trying."""
     backend_name = _choose_backend(card, nodes, request, backends)
     backend = backends.backend(backend_name)
+    options = EngineOptions(
+        context_length=request.context_length or card.context_length, max_sequences=request.max_sequences
+    )
+    capacity = _capacities(card, nodes, backend, backend_name, options)
     candidates = sorted(
         (
             n
             for n in nodes
             if not n.excluded and n.node_id not in request.exclude_nodes and backend_name in n.resources.backends
         ),
-        key=lambda n: (-n.resources.usable_for(backend_name), n.node_id),
-    )
-    options = EngineOptions(
-        context_length=request.context_length or card.context_length, max_sequences=request.max_sequences
+        key=lambda n: (-capacity[n.node_id], n.node_id),
     )
     most = min(len(candidates), card.n_layers, request.max_nodes or len(candidates))
     if not backend.capabilities.layer_ranges:
@@ -149,7 +153,7 @@ def _plans(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest
     head = head_blocks(card, backend.capabilities.block_overhead)
     for count in range(max(request.min_nodes, 1), most + 1):
         chosen = candidates[:count]
-        memory = [n.resources.usable_for(backend_name) for n in chosen]
+        memory = [capacity[n.node_id] for n in chosen]
         splits = [split_work(card.n_layers, head, memory)]
         if splits[0] != (by_layers := split_layers(card.n_layers, memory)):
             splits.append(by_layers)  # the balanced split may overfill a node the plain one does not
@@ -169,6 +173,25 @@ def _plans(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest
             yield count, None, f"{count} node(s): " + "; ".join(problems)
         else:
             yield count, Placement(uuid.uuid4().hex[:12], card.id, stages), None
+
+
+def _capacities(card: ModelCard, nodes: Sequence[NodeView], backend: Backend, backend_name: str, options: EngineOptions) -> dict[str, int]:
+    """What each node can hold of the model, as bytes of system memory: its usable memory scaled by
+    how much less the whole model needs where the node would put it. A GPU holding half-precision
+    weights then counts for twice its bytes beside a CPU node holding single precision, so splits
+    and the choice of nodes follow the layers a node can hold, not its raw bytes."""
+    whole = ShardRange.whole(card.n_layers)
+    reference = backend.estimate_memory(card, whole, options)
+    needs: dict[str | None, int] = {None: reference}
+    capacity = {}
+    for node in nodes:
+        device = node.resources.device_for(backend_name)
+        if device not in needs:
+            needs[device] = backend.estimate_memory(card, whole, attrs.evolve(options, device=device))
+        usable = node.resources.usable_for(backend_name)
+        need = needs[device]
+        capacity[node.node_id] = usable if need <= 0 or reference <= 0 else int(usable * reference / need)
+    return capacity
 
 
 @hookimpl(trylast=True)
