@@ -7,7 +7,7 @@ every implementation is called and the results are collected in a list. See docs
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -56,13 +56,18 @@ class PlacementSpecs:
         nodes: Sequence[NodeView],
         request: PlacementRequest,
         backends: BackendRegistry,
+        settings: Mapping[str, object],
     ) -> Placement | None:
         """Choose the nodes, layer ranges and backends for a new instance of ``card``.
 
         Called by the master when an instance is requested (``skulk run --model``,
         ``POST /place_instance``) and again when a node of a placed instance leaves.
         ``nodes`` are the live nodes; ``backends`` gives each backend's capabilities and memory
-        estimate. Return a :class:`Placement`, or None to defer to the next implementation.
+        estimate; ``settings`` are the placing node's config sections by name (a backend's, such as
+        ``torch``, is what ``EngineOptions.settings`` holds when that backend loads, and what its
+        ``estimate_memory`` should be asked with: ``torch.quantize: int8`` holds a quarter of the
+        bytes). An implementation may leave out any argument it does not use. Return a
+        :class:`Placement`, or None to defer to the next implementation.
         **firstresult**: the first non-None placement wins. The builtin memory-weighted pipeline
         placement runs last (``trylast``), so any plugin can take precedence. Raise
         :class:`~skulk_core.errors.PlacementError` to say that nothing can hold the model.
@@ -75,6 +80,7 @@ class PlacementSpecs:
         nodes: Sequence[NodeView],
         request: PlacementRequest,
         backends: BackendRegistry,
+        settings: Mapping[str, object],
     ) -> list[PlacementPreview]:
         """Every placement this plugin would accept for ``card``, for ``GET /instance/previews``.
 

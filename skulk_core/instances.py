@@ -347,7 +347,7 @@ class Instances:
 
     def _place_card(self, card: ModelCard, request: PlacementRequest) -> str:
         node, cluster = self.node, self.node.cluster
-        placement = node.plugins.place(card, cluster.node_views(), request)
+        placement = node.plugins.place(card, cluster.node_views(), request, node.config.extra)
         if placement is None:
             raise PlacementError(f"no placement plugin placed {card.id}")
         record = InstanceRecord(placement.instance_id, card.id, placement, request, card, created_at=time.time())

@@ -20,7 +20,7 @@ import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -165,14 +165,17 @@ class Plugins:
         return self._register("skulk_register_http", HttpRegistry(), node=node)
 
     # -- placement -------------------------------------------------------------------------
-    def place(self, card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest) -> Placement | None:
-        return self.pm.hook.skulk_place(card=card, nodes=list(nodes), request=request, backends=self.backends())
+    def place(
+        self, card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest, settings: Mapping[str, object] | None = None
+    ) -> Placement | None:
+        """``settings``: the placing node's config sections by name (``Config.extra``)."""
+        return self.pm.hook.skulk_place(card=card, nodes=list(nodes), request=request, backends=self.backends(), settings=dict(settings or {}))
 
     def placement_previews(
-        self, card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest
+        self, card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest, settings: Mapping[str, object] | None = None
     ) -> list[PlacementPreview]:
         results = self.pm.hook.skulk_placement_previews(
-            card=card, nodes=list(nodes), request=request, backends=self.backends()
+            card=card, nodes=list(nodes), request=request, backends=self.backends(), settings=dict(settings or {})
         )
         return [p for result in results for p in result]
 

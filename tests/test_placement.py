@@ -73,9 +73,9 @@ def plugins():
     return make_plugin_manager(PluginSelection(plugins=[str(FAKES / "fake_backend.py")], autoload=False))
 
 
-def place(plugins, nodes, **request):
+def place(plugins, nodes, settings=None, **request):
     card = request.pop("card", None) or make_card()
-    return plugins.place(card, nodes, PlacementRequest(model_id=card.id, **request))
+    return plugins.place(card, nodes, PlacementRequest(model_id=card.id, **request), settings)
 
 
 def layers(placement: Placement) -> list[tuple[str, int]]:
@@ -342,3 +342,15 @@ def test_a_gpu_node_gets_the_layers_it_can_hold_not_its_bytes_share(plugins):
     assert layers(place(plugins, [bigger_cpu, small_gpu], card=make_card(n_layers=20))) == [("g", 20)]
     # Nodes on the same device split as before, by memory.
     assert layers(place(plugins, [make_node("a", fits(20)), make_node("b", fits(10))])) == [("a", 20), ("b", 10)]
+
+
+def test_stages_are_sized_with_the_backends_settings(plugins):
+    """The placing node's config section for the backend reaches estimate_memory: a backend that
+    holds quantized weights (the fake's ``divide``) fits the model on fewer nodes."""
+    nodes = [make_node("a", fits(15)), make_node("b", fits(15))]
+    assert layers(place(plugins, nodes)) == [("a", 15), ("b", 15)]
+    assert layers(place(plugins, nodes, settings={"fake": {"divide": 2}})) == [("a", 30)]
+    assert layers(place(plugins, nodes, settings={"other": {"divide": 2}})) == [("a", 15), ("b", 15)]  # another backend's
+    card = make_card()
+    previews = plugins.placement_previews(card, nodes, PlacementRequest(model_id=card.id), {"fake": {"divide": 2}})
+    assert previews[0].placement is not None and len(previews[0].placement.stages) == 1

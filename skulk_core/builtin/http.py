@@ -74,7 +74,7 @@ def skulk_register_http(registry, node) -> None:  # type: ignore[no-untyped-def]
                 raise ModelError(f"no plugin knows the model {ref!r}")
             context = min(card.context_length, node.config.serve.context_length or 4096)
             wanted = PlacementRequest(card.id, backend=request.query.get("backend"), context_length=context, max_sequences=node.config.serve.max_sequences)
-            found = node.plugins.placement_previews(card, node.cluster.node_views(), wanted)
+            found = node.plugins.placement_previews(card, node.cluster.node_views(), wanted, node.config.extra)
         except SkulkError as exc:
             return _error(exc)
         return HttpResponse(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 
@@ -123,12 +123,15 @@ def _choose_backend(card: ModelCard, nodes: Sequence[NodeView], request: Placeme
     raise PlacementError(f"no backend can run {card.id}: " + "; ".join(reasons or ["no backend is registered"]))
 
 
-def _plans(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest, backends: BackendRegistry):  # type: ignore[no-untyped-def]
-    """Yield (node_count, Placement | None, reason) for every node count worth trying."""
+def _plans(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest, backends: BackendRegistry, settings: Mapping[str, object]):  # type: ignore[no-untyped-def]
+    """Yield (node_count, Placement | None, reason) for every node count worth trying. Stages are
+    sized with ``settings`` (the placing node's config sections), as the backend will load them."""
     backend_name = _choose_backend(card, nodes, request, backends)
     backend = backends.backend(backend_name)
     options = EngineOptions(
-        context_length=request.context_length or card.context_length, max_sequences=request.max_sequences
+        context_length=request.context_length or card.context_length,
+        max_sequences=request.max_sequences,
+        settings=settings.get(backend_name),
     )
     capacity = _capacities(card, nodes, backend, backend_name, options)
     candidates = sorted(
@@ -195,9 +198,11 @@ def _capacities(card: ModelCard, nodes: Sequence[NodeView], backend: Backend, ba
 
 
 @hookimpl(trylast=True)
-def skulk_place(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest, backends: BackendRegistry) -> Placement | None:
+def skulk_place(
+    card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest, backends: BackendRegistry, settings: Mapping[str, object]
+) -> Placement | None:
     reasons = []
-    for _, placement, reason in _plans(card, nodes, request, backends):
+    for _, placement, reason in _plans(card, nodes, request, backends, settings):
         if placement is not None:
             return placement
         reasons.append(reason)
@@ -205,8 +210,10 @@ def skulk_place(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRe
 
 
 @hookimpl
-def skulk_placement_previews(card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest, backends: BackendRegistry) -> list[PlacementPreview]:
+def skulk_placement_previews(
+    card: ModelCard, nodes: Sequence[NodeView], request: PlacementRequest, backends: BackendRegistry, settings: Mapping[str, object]
+) -> list[PlacementPreview]:
     try:
-        return [PlacementPreview(placement, reason) for _, placement, reason in _plans(card, nodes, request, backends)]
+        return [PlacementPreview(placement, reason) for _, placement, reason in _plans(card, nodes, request, backends, settings)]
     except PlacementError as exc:
         return [PlacementPreview(None, str(exc))]

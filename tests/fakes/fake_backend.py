@@ -1,6 +1,7 @@
 """A fake backend plugin, for placement tests: it registers the backend ``fake``, which sizes a shard
 as exactly ``layer_bytes() * layers`` (half that for a GPU device, as a backend holding
-half-precision weights there would) and cannot load anything (no real backend runs here).
+half-precision weights there would; divided by ``divide`` from its config section, as a backend
+holding quantized weights would) and cannot load anything (no real backend runs here).
 
 Load it with ``--plugin tests/fakes/fake_backend.py``.
 """
@@ -19,7 +20,9 @@ class FakeBackend:
 
     def estimate_memory(self, card, shard, options):  # type: ignore[no-untyped-def]
         on_gpu = (options.device or "cpu").startswith("cuda")
-        return card.layer_bytes() * shard.layer_count // (2 if on_gpu else 1)
+        # its config section, as a dict: {"divide": N} holds a layer in 1/N of the bytes (quantized)
+        divide = options.settings.get("divide", 1) if isinstance(options.settings, dict) else 1
+        return card.layer_bytes() * shard.layer_count // (2 if on_gpu else 1) // divide
 
     async def load(self, card, files, shard, options):  # type: ignore[no-untyped-def]
         raise BackendError("the fake backend loads nothing")
