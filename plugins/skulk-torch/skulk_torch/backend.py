@@ -100,7 +100,8 @@ class TorchBackend:
 
         - weights: the stage's blocks (parameters of a llama block, from the model's shape, times
           its layers), plus the final norm and head on the last (the embedding, when the head is
-          tied to it), at the element size the stage computes in (4 bytes on a CPU, 2 on a GPU).
+          tied to it), at the element size the stage computes in (4 bytes on a CPU, 2 on a GPU),
+          or one byte and a row's scale with ``quantize: int8``.
           The first stage holds no embedding: it reads its tokens' rows from the model's mapped
           file, whose pages the OS shares and can drop;
         - KV cache: ``2 * layers * kv_heads * head_dim * element size`` per position, for
@@ -124,6 +125,9 @@ class TorchBackend:
         embedding = config.vocab_size * config.hidden_size
         if shard.is_last:
             params += config.hidden_size + embedding  # the final norm and the head (the embedding, when tied)
+        weights = params * element
+        if settings.quantize == "int8":  # a byte a weight, and a 2-byte scale per row of at least hidden_size
+            weights = params + 2 * (params // config.hidden_size)
         # On a GPU with decode graphs the caches are one pool, allocated at load, with a scratch slot.
         slots = options.max_sequences + (1 if device.startswith("cuda") and settings.cuda_graphs else 0)
         kv = 2 * layers * config.kv_size * element * options.context_length * slots
@@ -132,7 +136,7 @@ class TorchBackend:
         activations += config.n_heads * rows * options.context_length * element
         rotary = 2 * options.context_length * config.head_dim * element
         tokenizer = TOKENIZER_BYTES if shard.is_first else 0
-        return params * element + kv + activations + rotary + tokenizer + RUNTIME_OVERHEAD_BYTES
+        return weights + kv + activations + rotary + tokenizer + RUNTIME_OVERHEAD_BYTES
 
     def memory_site(self, settings: object | None) -> BackendSite | None:
         """Where this node's stages would live when not in system memory: the CUDA GPU that the
@@ -228,7 +232,8 @@ def _load_model(
                 card.id, options.context_length, config.context_length,
             )
         with torch.inference_mode():
-            layout = choose_layout(device, dtype, options.settings_as(TorchSettings, "torch").cpu_matmul)
+            settings = options.settings_as(TorchSettings, "torch")
+            layout = choose_layout(device, dtype, settings.cpu_matmul, settings.quantize)
             return load_stage(
                 reader, shard, device=device, dtype=dtype, context_length=options.context_length, threads=threads, layout=layout
             )

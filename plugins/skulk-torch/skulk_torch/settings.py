@@ -15,6 +15,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 TOKENIZERS = ("auto", "llamacpp", "tokenizers")
 CPU_MATMULS = ("auto", "onednn", "blas")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+QUANTIZE = ("none", "int8")
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[object, attrs.Attribute, str], None]:
@@ -53,6 +54,10 @@ class TorchSettings:
     - ``cuda_graphs``: on a CUDA GPU, hold the KV caches in one pool allocated at load and replay
       each decode step as a captured CUDA graph (:mod:`skulk_torch.graphs`); ``false`` runs every
       step operation by operation, with caches that grow as requests do.
+    - ``quantize``: ``int8`` holds every matrix as 8-bit integers with a scale per output row (a
+      quarter of float32's bytes, half of float16's), multiplied by torch's weight-only int8 kernel
+      on bfloat16-rounded activations; norms, attention and the KV cache stay in ``dtype``. A CPU
+      only. ``none``: the matrices in ``dtype``.
     """
 
     device: str = field(default="auto", validator=_device_name)
@@ -60,3 +65,4 @@ class TorchSettings:
     tokenizer: str = field(default="auto", validator=_one_of(TOKENIZERS))
     cpu_matmul: str = field(default="auto", validator=_one_of(CPU_MATMULS))
     cuda_graphs: bool = True
+    quantize: str = field(default="none", validator=_one_of(QUANTIZE))

@@ -153,6 +153,10 @@ def test_estimate_memory_from_the_file() -> None:
     assert middle < whole - embedding - blocks * 2 // 3 - kv_whole * 2 // 3
     more = backend.estimate_memory(card, ShardRange(10, 20, 30), EngineOptions(context_length=2048, max_sequences=2, device="cpu"))
     assert more - middle >= 2 * 10 * 3 * 64 * 4 * 1024 * 2  # KV cache doubles with the context
+    # int8 matrices: a byte a weight and a scale a row, the rest (KV cache, activations) unchanged
+    int8 = backend.estimate_memory(card, ShardRange.whole(30), attrs.evolve(options, settings=TorchSettings(quantize="int8")))
+    params = blocks // 4 + 49152 * 576 + 576
+    assert whole - int8 == params * 4 - params - 2 * (params // 576)
 
 
 def test_estimate_memory_from_the_card_alone() -> None:
@@ -441,6 +445,87 @@ def test_half_precision_matches_reference_roughly(tmp_path: Path, dtype: str) ->
         _check_against_reference(engine, model, tolerance=0.03)
     finally:
         anyio.run(engine.close)
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", False), ("llama", True), ("qwen2", False)])
+def test_int8_matrices_match_reference_roughly(tmp_path: Path, arch: str, tied: bool) -> None:
+    """torch.quantize int8: every matrix as 8-bit integers with a scale per row, a quarter of the
+    float32 bytes; the logits stay within 5 % of the largest (half precision: 3 %)."""
+    model = make_tiny(arch, tied=tied)
+    path = write_gguf(model, tmp_path / "tiny.gguf")
+    engine = _load(path, settings=TorchSettings(quantize="int8"))
+    exact = _load(path, settings=_cpu_matmul("blas"))
+    try:
+        assert engine.layout == "int8" and engine.dtype == __import__("torch").float32  # activations, cache
+        _check_against_reference(engine, model, tolerance=0.05)
+        held, full = engine.parameter_bytes(), exact.parameter_bytes()
+        # Rows of qkv (2 kv heads of hidden / 4), out, gate_up (ffn 96) and down, in 3 blocks: a
+        # 2-byte scale each. qwen2's Q/K/V biases stay float32.
+        kv = 2 * model.hidden // 4
+        rows = 3 * ((model.hidden + 2 * kv) + model.hidden + 2 * 96 + model.hidden)
+        bias = 3 * (model.hidden + 2 * kv) * 4 if arch == "qwen2" else 0
+        assert held["blocks"] == (full["blocks"] - bias) // 4 + bias + 2 * rows
+        assert held["head"] == (full["head"] - model.hidden * 4) // 4 + model.hidden * 4 + 2 * model.vocab  # the norm stays float32
+    finally:
+        anyio.run(engine.close)
+        anyio.run(exact.close)
+
+
+def test_int8_stages_chain_to_the_whole(tmp_path: Path) -> None:
+    """Stages pass float32 activations: a split int8 model computes what the whole one does."""
+    model = make_tiny("llama", n_layers=4, tied=True)
+    path = write_gguf(model, tmp_path / "tiny.gguf")
+    int8 = TorchSettings(quantize="int8")
+    stages = [_load(path, ShardRange(a, b, 4), settings=int8) for a, b in ((0, 1), (1, 3), (3, 4))]
+    whole = _load(path, settings=int8)
+    try:
+        (out,) = anyio.run(LocalChain(stages).step, [SequenceChunk("r", 0, TOKENS)])
+        (want,) = anyio.run(whole.step, [SequenceChunk("r", 0, TOKENS)])
+        np.testing.assert_allclose(out.logits, want.logits, atol=1e-5, rtol=0)
+    finally:
+        for engine in (*stages, whole):
+            anyio.run(engine.close)
+
+
+def test_int8_refuses_what_it_cannot_run(tmp_path: Path) -> None:
+    import torch
+
+    from skulk_torch import model as model_module
+
+    with pytest.raises(ValueError, match="torch.quantize must be one of none, int8"):
+        TorchSettings(quantize="int4")
+    with pytest.raises(BackendError, match="int8 runs on a CPU, and this stage is on cuda"):
+        model_module.choose_layout(torch.device("cuda"), torch.bfloat16, "auto", "int8")
+    # torch's kernel reads input features in groups of 16 (40 would give garbage, 100 a crash)
+    path = write_gguf(make_tiny("llama", n_layers=1, hidden=40, n_heads=4, n_kv_heads=2), tmp_path / "odd.gguf")
+    with pytest.raises(BackendError, match="multiples of 16; this model has one of 40"):
+        _load(path, settings=TorchSettings(quantize="int8"))
+
+
+def test_placement_sizes_int8_stages_as_they_load() -> None:
+    """The master's torch section reaches the builtin placement: with quantize int8 the default
+    model fits on one node that float32 needs two of."""
+    from skulk_core import NodeResources, NodeView, PlacementRequest
+    from skulk_core.builtin.placement import SAFETY_MARGIN
+
+    plugins = make_plugin_manager(PluginSelection(autoload=False, plugins=("torch",)))
+    card = ModelCard.from_gguf(default_model_path())
+    request = PlacementRequest(card.id, backend="torch", context_length=1024, max_sequences=2)
+    backend = plugins.backends().backend("torch")
+
+    def need(settings: TorchSettings) -> int:
+        options = EngineOptions(context_length=1024, max_sequences=2, settings=settings)
+        return backend.estimate_memory(card, ShardRange.whole(card.n_layers), options)
+
+    int8, float32 = TorchSettings(quantize="int8"), TorchSettings(dtype="float32")
+    assert need(int8) < need(float32) - 350 * 2**20  # the weights: 538 MB -> 135 MB
+    limit = int((need(int8) + need(float32)) / 2 / (1 - SAFETY_MARGIN))
+    nodes = [
+        NodeView(name, name, NodeResources(memory_total=8 * 2**30, memory_available=8 * 2**30, cpu_count=2, memory_limit=limit, backends=("torch",)))
+        for name in ("a", "b")
+    ]
+    assert len(plugins.place(card, nodes, request, {"torch": float32}).stages) == 2
+    assert len(plugins.place(card, nodes, request, {"torch": int8}).stages) == 1
 
 
 @needs_llama_cpp
