@@ -112,7 +112,7 @@ def int8_matmul_available() -> bool:
     return _int8_works
 
 
-@frozen
+@frozen(eq=False)  # tensors: compared by identity
 class Int8Matrix:
     """An (out, in) matrix as 8-bit integers and one bfloat16 scale per output row: row ``r`` is
     ``weight[r] * scales[r]``."""
