@@ -28,8 +28,10 @@ pipeline is full: on one machine the stages share its memory bandwidth, which a 
 separate machines does not, and this line shows what that leaves as the best 2 stages can do here.
 
     .venv/bin/python benchmarks/pipeline.py [--only latency|aggregate|torch] [--tokens 64] [--runs 3] [--json]
-        [--torch-device cpu|cuda|mps] [--torch-dtype float32|float16|bfloat16]
+        [--torch-device cpu|cuda|mps] [--torch-dtype float32|float16|bfloat16] [--quantize none|int8]
 
+``--quantize int8`` runs the nodes' stages (and the breakdown's) with ``torch.quantize: int8``; the
+torch part still compares float32 with transformers' float32.
 ``--torch-device``/``--torch-dtype`` move the torch part (both models) to a GPU or another element
 type; the pipeline parts always run on what the nodes find (set ``CUDA_VISIBLE_DEVICES=`` to keep
 their stages on the CPU of a GPU machine).
@@ -286,7 +288,7 @@ class Instance:
 class LocalCluster:
     """``count`` real ``skulk run`` processes on loopback, joined to the first one."""
 
-    def __init__(self, root: Path, count: int) -> None:
+    def __init__(self, root: Path, count: int, quantize: str = "none") -> None:
         from skulk_core.testing import SkulkProcess, find_free_port
 
         self.root = root
@@ -299,6 +301,7 @@ class LocalCluster:
                 "SKULK_SERVE_THREADS": "1",
                 "SKULK_SERVE_CONTEXT_LENGTH": str(CONTEXT),
                 "SKULK_SERVE_MAX_SEQUENCES": str(STREAMS),
+                "SKULK_TORCH_QUANTIZE": quantize,
             }
         )
         ports = [find_free_port() for _ in range(count)]
@@ -404,7 +407,7 @@ class Placed:
 
 def measure_placements(args: argparse.Namespace, parts: set[str], root: Path, gate: QuietGate) -> dict[int, Placed]:
     ways_list = [1, 2, 3] if "latency" in parts else [1, 2]
-    cluster = LocalCluster(root, NODES)
+    cluster = LocalCluster(root, NODES, args.quantize)
     results: dict[int, Placed] = {}
     try:
         log(f"starting {NODES} skulk nodes on loopback (logs under {root})")
@@ -487,7 +490,10 @@ def stage_child(jobs: list[dict[str, Any]], steps: int, rounds: int) -> list[dic
     path = default_model_path()
     card = ModelCard.from_gguf(path)
     files = ModelFiles(card.id, "gguf", path)
-    options = EngineOptions(context_length=CONTEXT, max_sequences=STREAMS, threads=1)
+    from skulk_torch import TorchSettings
+
+    quantize = jobs[0].get("quantize", "none") if jobs else "none"
+    options = EngineOptions(context_length=CONTEXT, max_sequences=STREAMS, threads=1, settings=TorchSettings(quantize=quantize))
     engines: dict[tuple[int, int], Any] = {}
     for job in jobs:
         for start, end in job["layers"]:
@@ -535,9 +541,9 @@ def measure_stages(args: argparse.Namespace, placed: dict[int, Placed]) -> list[
     jobs = []
     for ways, p in sorted(placed.items()):
         if p.per_token_ms:
-            jobs.append({"stages": ways, "layers": p.layers, "batch": 1})
+            jobs.append({"stages": ways, "layers": p.layers, "batch": 1, "quantize": args.quantize})
         if p.aggregate_tok_s:
-            jobs.append({"stages": ways, "layers": p.layers, "batch": STREAMS // ways})  # one lane per stage
+            jobs.append({"stages": ways, "layers": p.layers, "batch": STREAMS // ways, "quantize": args.quantize})  # one lane per stage
     log(f"each placement's stages computed alone, 1 thread, no transport ({len(jobs)} chains)")
     command = [sys.executable, __file__, "--stage-child", json.dumps(jobs), "--tokens", str(min(args.tokens, 32)), "--runs", "2"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -572,7 +578,9 @@ def lane_child(job: dict[str, Any]) -> dict[str, Any]:
     path = default_model_path()
     card = ModelCard.from_gguf(path)
     start, end = job["layers"]
-    options = EngineOptions(context_length=CONTEXT, max_sequences=STREAMS, threads=1)
+    from skulk_torch import TorchSettings
+
+    options = EngineOptions(context_length=CONTEXT, max_sequences=STREAMS, threads=1, settings=TorchSettings(quantize=job.get("quantize", "none")))
     engine = anyio.run(TorchBackend().load, card, ModelFiles(card.id, "gguf", path), ShardRange(start, end, card.n_layers), options)
     ids = [f"lane-{i}" for i in range(job["batch"])]
     rng = np.random.default_rng(0)
@@ -601,7 +609,7 @@ def lane_child(job: dict[str, Any]) -> dict[str, Any]:
     return {**job, "steps": len(times), "step_ms": statistics.median(times) * 1000}
 
 
-def measure_lanes(placed: dict[int, Placed], gate: QuietGate) -> dict[str, Any] | None:
+def measure_lanes(placed: dict[int, Placed], gate: QuietGate, quantize: str = "none") -> dict[str, Any] | None:
     """The 2-stage placement's stages computing at once, one process each (see :func:`lane_child`)."""
     two = placed.get(2)
     if two is None or not two.aggregate_tok_s:
@@ -610,7 +618,7 @@ def measure_lanes(placed: dict[int, Placed], gate: QuietGate) -> dict[str, Any] 
     log(f"the 2 stages computing at once, {batch} sequences each, one process each, {LANE_SECONDS:.0f} s")
     children = [
         subprocess.Popen(
-            [sys.executable, __file__, "--lane-child", json.dumps({"layers": layers, "batch": batch})],
+            [sys.executable, __file__, "--lane-child", json.dumps({"layers": layers, "batch": batch, "quantize": quantize})],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         for layers in two.layers
@@ -855,7 +863,8 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"waited {gate['waited_s']:.0f} s in all for a quiet machine; {gate['busy_starts']} measurement(s) started on a busy one")
     placed = {int(k): v for k, v in report.get("placements", {}).items()}
     if any(p["per_token_ms"] for p in placed.values()):
-        print("\nPer-token latency, one stream, greedy, 1 thread a stage, through the head's streaming chat endpoint")
+        quantized = "" if report.get("quantize", "none") == "none" else f", torch.quantize {report['quantize']}"
+        print(f"\nPer-token latency, one stream, greedy, 1 thread a stage{quantized}, through the head's streaming chat endpoint")
         print(f"  {'stages':<8}{'layers':<24}{'ms a token':<20}{'tokens/s':<10}{'first token':<13}{'vs 1 stage':<12}{'others, cores':<14}")
         base = med(placed[1]["per_token_ms"]) if placed.get(1) and placed[1]["per_token_ms"] else None
         for ways, p in sorted(placed.items()):
@@ -933,6 +942,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per stream (default 64)")
     parser.add_argument("--torch-device", default="cpu", help="where the torch part runs both models: cpu (default), cuda, mps")
     parser.add_argument("--torch-dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="the torch part's element type (default float32)")
+    parser.add_argument(
+        "--quantize", default="none", choices=["none", "int8"],
+        help="torch.quantize of the nodes' stages and the breakdown (default none; the torch part compares float32 with transformers and ignores it)",
+    )
     parser.add_argument("--runs", type=int, default=3, help="runs of each measurement (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     parser.add_argument(
@@ -960,6 +973,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": MODEL_ID,
         "tokens": args.tokens,
         "runs": args.runs,
+        "quantize": args.quantize,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "cpus": os.cpu_count(),
         "loadavg_start": loadavg(),
@@ -975,7 +989,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["placements"] = {str(k): asdict(v) for k, v in placed.items()}
             if not args.no_breakdown:
                 report["stages_alone"] = measure_stages(args, placed)
-                report["lanes_at_once"] = measure_lanes(placed, gate)
+                report["lanes_at_once"] = measure_lanes(placed, gate, args.quantize)
     finally:
         if args.keep_logs:
             log(f"logs kept under {root}")
