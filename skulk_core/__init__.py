@@ -63,7 +63,7 @@ from skulk_core.storage import LocalModel, ModelResolver, ReadyFiles
 from skulk_core.sampling import SamplingParams, TokenLogprob
 from skulk_core.telemetry import ClusterEvent, MetricSample, TraceSpan
 from skulk_core.tensor import Tensor
-from skulk_core.threads import EngineThread
+from skulk_core.threads import EngineThread, compute_thread, run_on_own_thread
 from skulk_core.transport import ByteStream, Connection, PeerAnnouncement, Transport, TransportContext
 
 __version__ = "0.1.0"
@@ -79,6 +79,6 @@ __all__ = [
     "PlacementPreview", "PlacementRequest", "PluginError", "ProtocolError", "ReadyFiles",
     "RequestError", "SequenceChunk", "ServiceRegistry", "ShardRange", "SkulkError", "StageAssignment",
     "StageOutput", "Tensor", "Tokenizer", "TraceSpan", "Transport", "TransportContext",
-    "TransportError", "TransportRegistry", "default_model_path", "error_body", "hookimpl", "hookspec", "node_id_for",
-    "section_settings",
+    "TransportError", "TransportRegistry", "compute_thread", "default_model_path", "error_body", "hookimpl", "hookspec",
+    "node_id_for", "run_on_own_thread", "section_settings",
 ]

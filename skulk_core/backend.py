@@ -132,8 +132,9 @@ class Tokenizer(Protocol):
 @runtime_checkable
 class Engine(Protocol):
     """A loaded shard. Methods are called from one task at a time; blocking compute inside them
-    must run off the event loop, best on the engine's own :class:`skulk_core.EngineThread`, which
-    starts a step before the event loop turns to other work."""
+    must run off the event loop, best on an :class:`skulk_core.EngineThread`, which starts a step
+    before the event loop turns to other work: the engine's own, or on a CPU with OpenMP the one
+    every CPU engine of the process shares (:func:`skulk_core.compute_thread`)."""
 
     shard: ShardRange
     context_length: int  # positions per sequence

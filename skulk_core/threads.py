@@ -7,6 +7,15 @@ scheduler has just sampled the tokens of step *k* and woken the clients' streams
 token. :meth:`EngineThread.run` queues the call before it yields, so the next step computes while the
 event loop sends the previous step's tokens. One long-lived thread per engine also keeps the native
 library's per-thread state (OpenMP teams, torch's thread pool) warm from call to call.
+
+**Few threads for CPU compute.** llama.cpp and torch parallelise with OpenMP, and GNU OpenMP gives
+each thread that starts a parallel region a team of its own, kept while that thread lives. Once the
+threads it manages outnumber the CPUs, it stops spinning at barriers, and every parallel region then
+sleeps and wakes its threads: one idle thread that once ran a llama.cpp decode (an embedding, say)
+halved another thread's decode on this project's 2-core VM (170 -> 90 tokens/s, the default model,
+2 threads each), and one idle thread that once ran a torch product took a torch step from 8 to 14 ms.
+So CPU engines share :func:`compute_thread`, one per process, and one-off native work (a load) runs
+on :func:`run_on_own_thread`, whose thread ends with it.
 """
 
 from __future__ import annotations
@@ -74,6 +83,12 @@ class EngineThread:
             self._closed = True
             self._queue.put(_STOP)
 
+    def join(self, timeout: float | None = None) -> None:
+        """After :meth:`close`: wait until the thread has ended (blocking; immediate when the queue
+        is empty, as the thread then only has to take the stop marker)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def _main(self) -> None:
         while True:
             item = self._queue.get()
@@ -101,3 +116,31 @@ def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], resul
         loop.call_soon_threadsafe(settle)
     except RuntimeError:
         pass  # the loop is closed: nobody waits for this call any more
+
+
+_compute: EngineThread | None = None
+_compute_lock = threading.Lock()
+
+
+def compute_thread() -> EngineThread:
+    """The process's thread for CPU-bound engine work: every engine computing on the CPU queues its
+    steps here, so one OpenMP team serves them all (see the module's docstring). Calls run in the
+    order they were queued, whichever engine queued them. Never close it: an engine that shares it
+    runs its last call with :meth:`EngineThread.run` instead of :meth:`EngineThread.run_last`."""
+    global _compute
+    with _compute_lock:
+        if _compute is None or _compute.closed:
+            _compute = EngineThread("skulk compute")
+        return _compute
+
+
+async def run_on_own_thread(name: str, func: Callable[..., T], *args: Any) -> T:
+    """Run a blocking call on a new thread that has ended when this returns, so per-thread native
+    state the call set up (an OpenMP team) does not outlive it. Cancelling the caller waits for the call."""
+    thread = EngineThread(name)
+    try:
+        return await thread.run(func, *args)
+    finally:
+        thread.close()
+        thread.join(5.0)  # the call is done: the thread only has to take the stop marker
+

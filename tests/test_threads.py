@@ -1,5 +1,6 @@
 """EngineThread: calls run in order on one thread, start before the caller yields, and a cancelled
-caller still waits for the call it started."""
+caller still waits for the call it started. compute_thread is one per process; run_on_own_thread's
+thread ends with its call."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 import anyio
 import pytest
 
-from skulk_core import EngineThread
+from skulk_core import EngineThread, compute_thread, run_on_own_thread
 
 @pytest.fixture
 def anyio_backend() -> str:
@@ -126,3 +127,21 @@ async def test_run_last_runs_after_the_queue_then_closes_and_is_a_no_op_after():
     assert order == ["step", "close"] and worker.closed
     await worker.run_last(lambda: order.append("again"))  # closed already: nothing runs
     assert order == ["step", "close"]
+
+
+@pytest.mark.anyio
+async def test_cpu_engines_share_one_compute_thread():
+    """Every caller gets the same thread, so one OpenMP team serves every CPU engine of a process."""
+    first, second = compute_thread(), compute_thread()
+    assert first is second and not first.closed
+    idents = {await first.run(threading.get_ident), await second.run(threading.get_ident)}
+    assert len(idents) == 1 and threading.get_ident() not in idents
+
+
+@pytest.mark.anyio
+async def test_run_on_own_thread_ends_its_thread_with_the_call():
+    thread = await run_on_own_thread("one-off load", threading.current_thread)
+    assert thread.name == "one-off load" and thread is not threading.current_thread()
+    assert not thread.is_alive()  # ended already: nothing it set up (an OpenMP team) outlives the call
+    with pytest.raises(ValueError, match="bad input"):
+        await run_on_own_thread("one-off load", int, "bad input")
