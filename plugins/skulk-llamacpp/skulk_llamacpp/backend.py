@@ -21,6 +21,7 @@ from skulk_core import (
     ModelFiles,
     ShardRange,
     Tokenizer,
+    run_on_own_thread,
 )
 
 from skulk_llamacpp.settings import LlamaCppSettings
@@ -73,7 +74,7 @@ class LlamaCppBackend:
         return await anyio.to_thread.run_sync(build)
 
     async def load(self, card: ModelCard, files: ModelFiles, shard: ShardRange, options: EngineOptions) -> Engine:
-        """Load the whole model from ``files.primary`` in a worker thread and return its engine."""
+        """Load the whole model from ``files.primary`` on a thread of its own and return its engine."""
         if not shard.is_whole:
             raise BackendError(
                 f"the llamacpp backend runs whole models only, not layers {shard.start}-{shard.end - 1} of "
@@ -93,4 +94,5 @@ class LlamaCppBackend:
         from skulk_llamacpp.engine import load_engine  # imports llama_cpp
 
         options = attrs.evolve(options, settings=settings)
-        return await anyio.to_thread.run_sync(load_engine, card, files, shard, options)
+        # On a thread that ends with the load: no native per-thread state outlives it (skulk_core.threads).
+        return await run_on_own_thread(f"llamacpp load {card.id}", load_engine, card, files, shard, options)

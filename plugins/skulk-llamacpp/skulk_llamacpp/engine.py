@@ -26,13 +26,13 @@ import numpy as np
 from skulk_core import (
     BackendError,
     EngineOptions,
-    EngineThread,
     ModelCard,
     ModelFiles,
     RequestError,
     SequenceChunk,
     ShardRange,
     StageOutput,
+    compute_thread,
 )
 
 from skulk_llamacpp.native import LoadedModel, take_problems, with_problems
@@ -143,7 +143,9 @@ class LlamaCppEngine:
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = _Batch(settings.n_batch)
         self._lock = threading.Lock()  # one native call on the generation context at a time
-        self._thread = EngineThread(f"llamacpp {card.id}")  # steps and releases, in order
+        # Steps, releases and embeddings, in order, on the thread every CPU engine of this process
+        # shares: one OpenMP team (skulk_core.threads).
+        self._thread = compute_thread()
         self._slots: dict[str, int] = {}  # request id -> sequence id
         self._free_slots = list(range(self.max_sequences))
         heapify(self._free_slots)  # the lowest free id first, so a run is repeatable
@@ -298,7 +300,7 @@ class LlamaCppEngine:
 
     async def embed(self, tokens: Sequence[int]) -> list[float]:
         """The mean of the final hidden states over ``tokens``, L2-normalised."""
-        return await anyio.to_thread.run_sync(self._embed, list(tokens))
+        return await self._thread.run(self._embed, list(tokens))
 
     def _embed(self, tokens: list[int]) -> list[float]:
         if not tokens:
@@ -357,7 +359,8 @@ class LlamaCppEngine:
 
     async def close(self) -> None:
         """Free both contexts, the batches and the model. Safe to call twice."""
-        await self._thread.run_last(self._close)
+        with anyio.CancelScope(shield=True):  # the thread is shared: run the close, leave the thread
+            await self._thread.run(self._close)
 
     def _close(self) -> None:
         with self._lock, self._embed_lock:

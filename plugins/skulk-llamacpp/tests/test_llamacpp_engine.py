@@ -258,3 +258,31 @@ def test_long_embeddings_average_every_position(engine: Engine, small_batches: E
     pooled = np.asarray(anyio.run(small_batches.embed, tokens))  # type: ignore[attr-defined]
     whole = np.asarray(anyio.run(engine.embed, tokens))  # type: ignore[attr-defined]
     assert pooled @ whole > 0.999
+
+
+def test_every_decode_runs_on_the_process_compute_thread(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps and embeddings run on skulk_core.compute_thread(), and the load's thread is gone: a
+    second thread that ever ran a llama_decode keeps an OpenMP team that throttles every later
+    decode (measured on a node: 146 -> 58-88 tokens/s after one embeddings request)."""
+    import threading
+
+    import llama_cpp
+
+    from skulk_core import compute_thread
+
+    assert engine._thread is compute_thread()  # type: ignore[attr-defined]
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("llamacpp load")]
+    callers: set[str] = set()
+    decode = llama_cpp.llama_decode
+
+    def recording_decode(ctx, batch):  # type: ignore[no-untyped-def]
+        callers.add(threading.current_thread().name)
+        return decode(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording_decode)
+    tok = engine.tokenizer
+    assert tok is not None
+    anyio.run(engine.embed, tok.encode("The cat sat on the mat."))  # type: ignore[attr-defined]
+    step(engine, [SequenceChunk("compute-thread", 0, tok.encode("Hello"))])
+    anyio.run(engine.release, "compute-thread")
+    assert callers == {"skulk compute"}

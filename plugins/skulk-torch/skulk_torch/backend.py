@@ -36,6 +36,7 @@ from skulk_core import (
     ModelFiles,
     ShardRange,
     Tokenizer,
+    run_on_own_thread,
     section_settings,
 )
 
@@ -152,7 +153,7 @@ class TorchBackend:
         return None if free is None else BackendSite(chosen, free)
 
     async def load(self, card: ModelCard, files: ModelFiles, shard: ShardRange, options: EngineOptions) -> Engine:
-        """Load ``shard`` from ``files.primary`` in a worker thread and return its engine."""
+        """Load ``shard`` from ``files.primary`` on a thread of its own and return its engine."""
         reason = self.supports(card)
         if reason is not None:
             raise BackendError(reason)
@@ -169,7 +170,8 @@ class TorchBackend:
         except (TypeError, ValueError) as exc:
             raise BackendError(f"invalid torch settings: {exc}") from exc
         options = attrs.evolve(options, settings=settings)
-        return await anyio.to_thread.run_sync(load_engine, card, files, shard, options)
+        # On a thread that ends with the load: no OpenMP team outlives it (skulk_core.threads).
+        return await run_on_own_thread(f"torch load {card.id} [{shard.start}, {shard.end})", load_engine, card, files, shard, options)
 
     async def load_tokenizer(self, card: ModelCard, files: ModelFiles) -> Tokenizer:
         """The model's tokenizer alone (no weights), for a node that forwards requests to the

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import anyio
 import numpy as np
 from attrs import define
 
@@ -31,6 +32,7 @@ from skulk_core import (
     ShardRange,
     StageOutput,
     Tensor,
+    compute_thread,
 )
 
 from skulk_torch.graphs import DecodeSlots
@@ -84,7 +86,10 @@ class TorchEngine:
         self._sequences: dict[str, _Sequence] = {}
         self._slots = decode_slots(model, options)  # decode steps as CUDA graphs over one KV pool (a GPU only)
         self._lock = threading.Lock()
-        self._thread = EngineThread(f"torch {card.id} [{shard.start}, {shard.end})")  # steps and releases, in order
+        # Steps and releases, in order. On a CPU, on the thread every CPU engine of this process
+        # shares (one OpenMP team: skulk_core.threads); on a GPU, on a thread of its own.
+        self._shared_thread = self.device.type == "cpu"
+        self._thread = compute_thread() if self._shared_thread else EngineThread(f"torch {card.id} [{shard.start}, {shard.end})")
 
     # -- stepping ----------------------------------------------------------------------------
 
@@ -289,7 +294,11 @@ class TorchEngine:
 
     async def close(self) -> None:
         """Free the weights, caches and tokenizer. Safe to call twice."""
-        await self._thread.run_last(self._close)
+        if self._shared_thread:
+            with anyio.CancelScope(shield=True):  # run the close, leave the shared thread
+                await self._thread.run(self._close)
+        else:
+            await self._thread.run_last(self._close)
 
     def _close(self) -> None:
         with self._lock:
