@@ -61,7 +61,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -721,8 +721,17 @@ def torch_child(tokens: int, runs: int, gate: QuietGate, device: str = "cpu", dt
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     result["transformers_tokenizer_load_s"] = time.perf_counter() - started
+    # transformers computes on the thread skulk's CPU engines step on: one OpenMP team for both
+    # (a second thread's team would throttle both, see skulk_core.threads).
+    from skulk_core import compute_thread
+
+    def on_compute_thread(func: Callable[[], Any]) -> Any:
+        return anyio.run(compute_thread().run, func)
+
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)).to(device)
+    model = on_compute_thread(
+        lambda: AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype)).to(device)
+    )
     model.eval()
     result["transformers_model_load_s"] = time.perf_counter() - started
     result["transformers_load_s"] = result["transformers_tokenizer_load_s"] + result["transformers_model_load_s"]
@@ -748,6 +757,7 @@ def torch_child(tokens: int, runs: int, gate: QuietGate, device: str = "cpu", dt
             pass
 
     def transformers_decode() -> tuple[float, list[int]]:
+        torch.set_num_threads(2)
         ids = torch.tensor([prompt], device=device)
         streamer = Timestamps()
         with torch.inference_mode():
@@ -771,10 +781,9 @@ def torch_child(tokens: int, runs: int, gate: QuietGate, device: str = "cpu", dt
             rate, ours_tokens = skulk_decode(run)
         ours.append(rate)
         others.append(meter.cores["others"])
-        torch.set_num_threads(2)
         gate.wait()
         with CpuMeter({}) as meter:
-            rate, theirs_tokens = transformers_decode()
+            rate, theirs_tokens = on_compute_thread(transformers_decode)
         theirs.append(rate)
         others.append(meter.cores["others"])
     result["skulk_decode_tok_s"] = ours
