@@ -102,7 +102,8 @@ class TorchBackend:
         - weights: the stage's blocks (parameters of a llama block, from the model's shape, times
           its layers), plus the final norm and head on the last (the embedding, when the head is
           tied to it), at the element size the stage computes in (4 bytes on a CPU, 2 on a GPU),
-          or one byte and a row's scale with ``quantize: int8``.
+          or one byte and a row's scale with ``quantize: int8``, half a byte and a group's scale
+          and offset with ``int4``.
           The first stage holds no embedding: it reads its tokens' rows from the model's mapped
           file, whose pages the OS shares and can drop;
         - KV cache: ``2 * layers * kv_heads * head_dim * element size`` per position, for
@@ -129,6 +130,8 @@ class TorchBackend:
         weights = params * element
         if settings.quantize == "int8":  # a byte a weight, and a 2-byte scale per row of at least hidden_size
             weights = params + 2 * (params // config.hidden_size)
+        elif settings.quantize == "int4":  # half a byte a weight, and a 2-byte scale and offset per 32
+            weights = params // 2 + 4 * (params // 32)
         # On a GPU with decode graphs the caches are one pool, allocated at load, with a scratch slot.
         slots = options.max_sequences + (1 if device.startswith("cuda") and settings.cuda_graphs else 0)
         kv = 2 * layers * config.kv_size * element * options.context_length * slots

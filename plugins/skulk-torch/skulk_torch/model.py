@@ -32,6 +32,10 @@ are held depends on where the products run (:data:`LAYOUTS`):
   bfloat16 for the product and the result taken back to the stage's dtype; norms, rotary and
   attention stay in that dtype. Measured on this project's AMD EPYC, the default model's whole
   decode step on one thread: 13.0 ms against float32's 23.0 (16.3 against 26.0 for 4 rows).
+- ``int4`` (``torch.quantize: int4``, a CPU only): each (out, in) matrix rounded to 4-bit integers
+  in groups of 32 input features, each group with its own scale and offset (:class:`Int4Matrix`),
+  about a sixth of float32's bytes, multiplied by torch's int4 kernel (``_weight_int4pack_mm_for_cpu``)
+  the same way. A GGUF's Q4_0/Q4_1 blocks are groups of 32 too.
 
 The RMSNorm gains are folded into the matrices that follow the norms, and the forward pass keeps the
 operations between matrix products few and skips the generic attention kernel for single positions,
@@ -54,10 +58,13 @@ from skulk_torch.checkpoint import CheckpointReader, EmbeddingRows, ModelConfig
 if TYPE_CHECKING:
     import torch
 
-LAYOUTS = ("onednn", "transposed", "plain", "int8")
+LAYOUTS = ("onednn", "transposed", "plain", "int8", "int4")
 _onednn_works: bool | None = None
 _int8_works: bool | None = None
+_int4_works: bool | None = None
 INT8_ALIGNMENT = 16  # torch's int8 kernel reads input features in groups of 16 (others: garbage or a crash)
+INT4_GROUP = 32  # input features sharing an int4 scale and offset
+INT4_ROWS = 16  # torch packs int4 matrices whose output rows come in multiples of 16
 
 
 def onednn_matmul_available() -> bool:
@@ -139,6 +146,69 @@ class Int8Matrix:
         return [self.weight, self.scales]
 
 
+def int4_matmul_available() -> bool:
+    """Whether this torch packs int4 matrices and multiplies bfloat16 rows by them on the CPU (checked once)."""
+    global _int4_works
+    if _int4_works is None:
+        import torch
+
+        _int4_works = False
+        try:
+            matrix = Int4Matrix.quantize(torch.ones(INT4_ROWS, INT4_GROUP))
+            got = matrix.multiply(torch.ones(2, INT4_GROUP, dtype=torch.bfloat16))
+            _int4_works = bool(torch.allclose(got.float(), torch.full((2, INT4_ROWS), float(INT4_GROUP))))
+        except (RuntimeError, AttributeError, NotImplementedError, BackendError):
+            pass
+    return _int4_works
+
+
+@frozen(eq=False)  # tensors: compared by identity
+class Int4Matrix:
+    """An (out, in) matrix as 4-bit integers in groups of :data:`INT4_GROUP` input features, each
+    group with a bfloat16 scale and offset: ``w = (q - 8) * scale + zero``, packed for torch's kernel.
+    Output rows are padded with zeros to a multiple of :data:`INT4_ROWS`; ``rows`` are the real ones."""
+
+    packed: torch.Tensor  # torch's int4 packing of (padded rows, in)
+    scales_zeros: torch.Tensor  # (in / group, padded rows, 2) bfloat16
+    rows: int
+
+    @classmethod
+    def quantize(cls, matrix: torch.Tensor) -> Int4Matrix:
+        """Round a float (out, in) matrix, each group of 32 input features between its own minimum and maximum."""
+        import torch
+
+        rows, columns = matrix.shape
+        if columns % INT4_GROUP:
+            raise BackendError(
+                f"torch.quantize int4 needs matrices whose input features come in multiples of {INT4_GROUP}; "
+                f"this model has one of {columns}. Use torch.quantize: int8 or none"
+            )
+        padded = -rows % INT4_ROWS
+        matrix = matrix.float()
+        if padded:
+            matrix = torch.cat([matrix, matrix.new_zeros(padded, columns)])
+        groups = matrix.view(rows + padded, columns // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = (high - low).clamp_(min=1e-12) / 15
+        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32)
+        packed = torch._convert_weight_to_int4pack_for_cpu(q.view(rows + padded, columns), 1)
+        scales_zeros = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        return cls(packed, scales_zeros, rows)
+
+    def multiply(self, h: torch.Tensor) -> torch.Tensor:
+        """``h`` (rows, in) bfloat16 times the matrix's transpose: (rows, out) bfloat16."""
+        import torch
+
+        y = torch._weight_int4pack_mm_for_cpu(h, self.packed, INT4_GROUP, self.scales_zeros)
+        return y if y.shape[1] == self.rows else y[:, : self.rows]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.packed, self.scales_zeros]
+
+
+QUANTIZED = (Int8Matrix, Int4Matrix)
+
+
 def choose_layout(device: torch.device, dtype: torch.dtype, cpu_matmul: str, quantize: str = "none") -> str:
     """The :data:`LAYOUTS` entry the stage's matrices take; ``cpu_matmul`` and ``quantize`` are the
     ``torch.cpu_matmul`` and ``torch.quantize`` settings.
@@ -146,12 +216,12 @@ def choose_layout(device: torch.device, dtype: torch.dtype, cpu_matmul: str, qua
     ``auto`` packs for oneDNN except on Intel's CPUs, where MKL's own kernels are the faster."""
     import torch
 
-    if quantize == "int8":
+    if quantize in ("int8", "int4"):
         if device.type != "cpu":
-            raise BackendError(f"torch.quantize int8 runs on a CPU, and this stage is on {device}; set torch.device: cpu or torch.quantize: none")
-        if not int8_matmul_available():
-            raise BackendError("torch.quantize is int8, but this torch cannot multiply by int8 matrices here; use torch.quantize: none")
-        return "int8"
+            raise BackendError(f"torch.quantize {quantize} runs on a CPU, and this stage is on {device}; set torch.device: cpu or torch.quantize: none")
+        if not (int8_matmul_available() if quantize == "int8" else int4_matmul_available()):
+            raise BackendError(f"torch.quantize is {quantize}, but this torch cannot multiply by {quantize} matrices here; use torch.quantize: none")
+        return quantize
     if device.type != "cpu" or dtype != torch.float32:
         return "plain"
     if cpu_matmul == "blas" or (cpu_matmul == "auto" and cpu_vendor() == "GenuineIntel"):
@@ -172,19 +242,19 @@ class Block:
     In the ``transposed`` layout every matrix is (in, out). In the ``plain`` one ``qkv`` and
     ``gate_up`` are (out, in), and ``out`` and ``down`` are (in, out) views of (out, in) tensors, for
     ``addmm``. In the ``onednn`` one each is an opaque packed tensor made from the (out, in) matrix;
-    in the ``int8`` one an :class:`Int8Matrix` of it.
+    in the ``int8`` and ``int4`` ones an :class:`Int8Matrix` or :class:`Int4Matrix` of it.
     """
 
-    qkv: torch.Tensor | Int8Matrix
+    qkv: torch.Tensor | Int8Matrix | Int4Matrix
     qkv_bias: torch.Tensor | None  # (q_size + 2 * kv_size,)
-    out: torch.Tensor | Int8Matrix  # (q_size, hidden)
-    gate_up: torch.Tensor | Int8Matrix
-    down: torch.Tensor | Int8Matrix  # (ffn, hidden)
+    out: torch.Tensor | Int8Matrix | Int4Matrix  # (q_size, hidden)
+    gate_up: torch.Tensor | Int8Matrix | Int4Matrix
+    down: torch.Tensor | Int8Matrix | Int4Matrix  # (ffn, hidden)
 
     def tensors(self) -> list[torch.Tensor]:
         parts: list[torch.Tensor] = []
         for part in (self.qkv, self.out, self.gate_up, self.down):
-            parts.extend(part.tensors() if isinstance(part, Int8Matrix) else [part])
+            parts.extend(part.tensors() if isinstance(part, QUANTIZED) else [part])
         return parts + ([self.qkv_bias] if self.qkv_bias is not None else [])
 
 
@@ -210,7 +280,7 @@ class StageModel:
         *,
         embed: EmbeddingRows | None,  # the first stage's token embedding, read from the file
         norm: torch.Tensor | None,  # (hidden,)
-        head: torch.Tensor | Int8Matrix | None,  # in the layout's form of (vocab, hidden)
+        head: torch.Tensor | Int8Matrix | Int4Matrix | None,  # in the layout's form of (vocab, hidden)
         device: torch.device,
         dtype: torch.dtype,
         context_length: int,
@@ -242,6 +312,14 @@ class StageModel:
 
             self._project = project
             self._add_project = lambda x, h, weight: project(h, weight).add_(x)
+        elif layout == "int4":
+
+            def project4(h: torch.Tensor, weight: Int4Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
+                y = weight.multiply(h.to(torch.bfloat16).contiguous()).to(dtype)
+                return y if bias is None else y.add_(bias)
+
+            self._project = project4
+            self._add_project = lambda x, h, weight: project4(h, weight).add_(x)
         else:
             self._project = F.linear
             self._add_project = torch.addmm
@@ -438,7 +516,7 @@ class StageModel:
             return total
 
         blocks = count([t for block in self.blocks for t in block.tensors()])
-        head_tensors = self.head.tensors() if isinstance(self.head, Int8Matrix) else [self.head]
+        head_tensors = self.head.tensors() if isinstance(self.head, QUANTIZED) else [self.head]
         head = count([t for t in (self.norm, *head_tensors) if t is not None])
         return {"blocks": blocks, "embed": 0, "head": head}
 
@@ -463,26 +541,26 @@ def load_stage(
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     transposed = layout == "transposed"
     pack = torch.ops.mkldnn._reorder_linear_weight if layout == "onednn" else None
-    int8 = layout == "int8"
+    quantized = {"int8": Int8Matrix, "int4": Int4Matrix}.get(layout)
 
     def place(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device=device, dtype=dtype).contiguous()
 
-    def matrix(tensor: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor | Int8Matrix:
+    def matrix(tensor: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor | Int8Matrix | Int4Matrix:
         """(out, in) float32 -> the layout ``project`` takes, input features scaled by ``gain``."""
         if gain is not None:
             tensor = tensor * gain  # float32: the gains are folded in at full precision
-        if int8:
-            return Int8Matrix.quantize(tensor)
+        if quantized is not None:
+            return quantized.quantize(tensor)
         if pack is not None:
             return pack(place(tensor))
         return place(tensor.t()) if transposed else place(tensor)
 
-    def addmm_operand(tensor: torch.Tensor) -> torch.Tensor | Int8Matrix:
+    def addmm_operand(tensor: torch.Tensor) -> torch.Tensor | Int8Matrix | Int4Matrix:
         """(out, in) -> the residual product's operand: packed, quantized, or (in, out), contiguous
         when transposed, else a view."""
-        if int8:
-            return Int8Matrix.quantize(tensor)
+        if quantized is not None:
+            return quantized.quantize(tensor)
         if pack is not None:
             return pack(place(tensor))
         return place(tensor.t()) if transposed else place(tensor).t()
@@ -506,7 +584,7 @@ def load_stage(
             qkv=qkv, qkv_bias=bias, out=addmm_operand(layer(index, "o")), gate_up=gate_up, down=addmm_operand(layer(index, "down"))
         )
 
-    def load_end() -> tuple[torch.Tensor | None, torch.Tensor | Int8Matrix | None]:
+    def load_end() -> tuple[torch.Tensor | None, torch.Tensor | Int8Matrix | Int4Matrix | None]:
         """The last stage's final norm and output head (the embedding, when tied)."""
         if not shard.is_last:
             return None, None

@@ -15,7 +15,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 TOKENIZERS = ("auto", "llamacpp", "tokenizers")
 CPU_MATMULS = ("auto", "onednn", "blas")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "int4")
 
 
 def _one_of(choices: tuple[str, ...]) -> Callable[[object, attrs.Attribute, str], None]:
@@ -56,8 +56,10 @@ class TorchSettings:
       step operation by operation, with caches that grow as requests do.
     - ``quantize``: ``int8`` holds every matrix as 8-bit integers with a scale per output row (a
       quarter of float32's bytes, half of float16's), multiplied by torch's weight-only int8 kernel
-      on bfloat16-rounded activations; norms, attention and the KV cache stay in ``dtype``. A CPU
-      only. ``none``: the matrices in ``dtype``.
+      on bfloat16-rounded activations; norms, attention and the KV cache stay in ``dtype``. ``int4``:
+      4-bit integers in groups of 32 input features, each group with a scale and an offset (about
+      a sixth of float32's bytes), multiplied the same way. A CPU only. ``none``: the matrices in
+      ``dtype``.
     """
 
     device: str = field(default="auto", validator=_device_name)

@@ -157,6 +157,9 @@ def test_estimate_memory_from_the_file() -> None:
     int8 = backend.estimate_memory(card, ShardRange.whole(30), attrs.evolve(options, settings=TorchSettings(quantize="int8")))
     params = blocks // 4 + 49152 * 576 + 576
     assert whole - int8 == params * 4 - params - 2 * (params // 576)
+    # int4: half a byte a weight, a 2-byte scale and offset per group of 32
+    int4 = backend.estimate_memory(card, ShardRange.whole(30), attrs.evolve(options, settings=TorchSettings(quantize="int4")))
+    assert whole - int4 == params * 4 - params // 2 - 4 * (params // 32)
 
 
 def test_estimate_memory_from_the_card_alone() -> None:
@@ -471,11 +474,33 @@ def test_int8_matrices_match_reference_roughly(tmp_path: Path, arch: str, tied: 
         anyio.run(exact.close)
 
 
-def test_int8_stages_chain_to_the_whole(tmp_path: Path) -> None:
-    """Stages pass float32 activations: a split int8 model computes what the whole one does."""
+def test_int4_matrices_multiply_as_their_dequantized_values() -> None:
+    """torch.quantize int4: groups of 32 input features, each with a scale and an offset; a matrix
+    whose rows are not a multiple of 16 is padded and its product cut back."""
+    import torch
+
+    from skulk_torch.model import Int4Matrix
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(262, 64) * 0.2, torch.randn(5, 64)
+    matrix = Int4Matrix.quantize(weight)
+    groups = weight.view(262, 2, 32)
+    low, high = groups.amin(-1), groups.amax(-1)
+    step = (high - low) / 15
+    dequantized = (torch.round((groups - low[..., None]) / step[..., None]) * step[..., None] + low[..., None]).view(262, 64)
+    got = matrix.multiply(x.to(torch.bfloat16)).float()
+    want = x @ dequantized.T
+    assert got.shape == (5, 262) and matrix.rows == 262 and matrix.scales_zeros.shape == (2, 272, 2)
+    assert (got - want).abs().max() < 0.01 * want.abs().max()  # bfloat16 inputs and scales
+    assert (got - x @ weight.T).abs().max() < 0.15 * want.abs().max()  # 4 bits: about 9 % here
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_stages_chain_to_the_whole(tmp_path: Path, quantize: str) -> None:
+    """Stages pass float32 activations: a split quantized model computes what the whole one does."""
     model = make_tiny("llama", n_layers=4, tied=True)
     path = write_gguf(model, tmp_path / "tiny.gguf")
-    int8 = TorchSettings(quantize="int8")
+    int8 = TorchSettings(quantize=quantize)
     stages = [_load(path, ShardRange(a, b, 4), settings=int8) for a, b in ((0, 1), (1, 3), (3, 4))]
     whole = _load(path, settings=int8)
     try:
@@ -514,14 +539,18 @@ def test_int8_refuses_what_it_cannot_run(tmp_path: Path) -> None:
 
     from skulk_torch import model as model_module
 
-    with pytest.raises(ValueError, match="torch.quantize must be one of none, int8"):
-        TorchSettings(quantize="int4")
+    with pytest.raises(ValueError, match="torch.quantize must be one of none, int8, int4"):
+        TorchSettings(quantize="int2")
     with pytest.raises(BackendError, match="int8 runs on a CPU, and this stage is on cuda"):
         model_module.choose_layout(torch.device("cuda"), torch.bfloat16, "auto", "int8")
     # torch's kernel reads input features in groups of 16 (40 would give garbage, 100 a crash)
     path = write_gguf(make_tiny("llama", n_layers=1, hidden=40, n_heads=4, n_kv_heads=2), tmp_path / "odd.gguf")
     with pytest.raises(BackendError, match="multiples of 16; this model has one of 40"):
         _load(path, settings=TorchSettings(quantize="int8"))
+    with pytest.raises(BackendError, match="int4 needs matrices whose input features come in multiples of 32; this model has one of 40"):
+        _load(path, settings=TorchSettings(quantize="int4"))
+    with pytest.raises(BackendError, match="int4 runs on a CPU"):
+        model_module.choose_layout(torch.device("cuda"), torch.bfloat16, "auto", "int4")
 
 
 def test_placement_sizes_int8_stages_as_they_load() -> None:
