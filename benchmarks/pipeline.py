@@ -28,9 +28,9 @@ pipeline is full: on one machine the stages share its memory bandwidth, which a 
 separate machines does not, and this line shows what that leaves as the best 2 stages can do here.
 
     .venv/bin/python benchmarks/pipeline.py [--only latency|aggregate|torch] [--tokens 64] [--runs 3] [--json]
-        [--torch-device cpu|cuda|mps] [--torch-dtype float32|float16|bfloat16] [--quantize none|int8]
+        [--torch-device cpu|cuda|mps] [--torch-dtype float32|float16|bfloat16] [--quantize none|int8|int4]
 
-``--quantize int8`` runs the nodes' stages (and the breakdown's) with ``torch.quantize: int8``; the
+``--quantize int8`` (or ``int4``) runs the nodes' stages (and the breakdown's) with that ``torch.quantize``; the
 torch part still compares float32 with transformers' float32.
 ``--torch-device``/``--torch-dtype`` move the torch part (both models) to a GPU or another element
 type; the pipeline parts always run on what the nodes find (set ``CUDA_VISIBLE_DEVICES=`` to keep
@@ -952,7 +952,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--torch-device", default="cpu", help="where the torch part runs both models: cpu (default), cuda, mps")
     parser.add_argument("--torch-dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="the torch part's element type (default float32)")
     parser.add_argument(
-        "--quantize", default="none", choices=["none", "int8"],
+        "--quantize", default="none", choices=["none", "int8", "int4"],
         help="torch.quantize of the nodes' stages and the breakdown (default none; the torch part compares float32 with transformers and ignores it)",
     )
     parser.add_argument("--runs", type=int, default=3, help="runs of each measurement (default 3)")
