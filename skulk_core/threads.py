@@ -38,11 +38,14 @@ class EngineThread:
 
     A caller that is cancelled while its call runs waits for the call to finish (the call mutates
     engine state that the next call needs consistent), as ``anyio.to_thread.run_sync`` does by
-    default. The thread starts on the first call and ends on :meth:`close`.
+    default. The thread starts on the first call and ends on :meth:`close`. A ``shared`` thread
+    (:func:`compute_thread`) serves several engines: its :meth:`run_last` runs the call and leaves
+    the thread to the others.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, shared: bool = False) -> None:
         self.name = name
+        self.shared = shared
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -68,10 +71,14 @@ class EngineThread:
 
     async def run_last(self, func: Callable[[], object]) -> None:
         """Run ``func`` after the calls already queued, as the last call, then close; nothing if
-        closed already (an engine's ``close``, safe to call twice). Shielded: it always finishes."""
+        closed already (an engine's ``close``, safe to call twice). Shielded: it always finishes.
+        On a shared thread, ``func`` runs and the thread stays open for the engines that share it."""
         if self._closed:
             return
         with anyio.CancelScope(shield=True):
+            if self.shared:
+                await self.run(func)
+                return
             try:
                 await self.run(func)
             finally:
@@ -125,12 +132,12 @@ _compute_lock = threading.Lock()
 def compute_thread() -> EngineThread:
     """The process's thread for CPU-bound engine work: every engine computing on the CPU queues its
     steps here, so one OpenMP team serves them all (see the module's docstring). Calls run in the
-    order they were queued, whichever engine queued them. Never close it: an engine that shares it
-    runs its last call with :meth:`EngineThread.run` instead of :meth:`EngineThread.run_last`."""
+    order they were queued, whichever engine queued them. It is ``shared``: an engine's
+    :meth:`EngineThread.run_last` (its ``close``) leaves it running for the others."""
     global _compute
     with _compute_lock:
         if _compute is None or _compute.closed:
-            _compute = EngineThread("skulk compute")
+            _compute = EngineThread("skulk compute", shared=True)
         return _compute
 
 

@@ -19,7 +19,6 @@ import threading
 from collections.abc import Sequence
 from heapq import heapify, heappop, heappush
 
-import anyio
 import llama_cpp
 import numpy as np
 
@@ -359,8 +358,7 @@ class LlamaCppEngine:
 
     async def close(self) -> None:
         """Free both contexts, the batches and the model. Safe to call twice."""
-        with anyio.CancelScope(shield=True):  # the thread is shared: run the close, leave the thread
-            await self._thread.run(self._close)
+        await self._thread.run_last(self._close)  # the shared thread stays for the other engines
 
     def _close(self) -> None:
         with self._lock, self._embed_lock:

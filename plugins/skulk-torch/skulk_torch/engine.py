@@ -18,7 +18,6 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import anyio
 import numpy as np
 from attrs import define
 
@@ -88,8 +87,7 @@ class TorchEngine:
         self._lock = threading.Lock()
         # Steps and releases, in order. On a CPU, on the thread every CPU engine of this process
         # shares (one OpenMP team: skulk_core.threads); on a GPU, on a thread of its own.
-        self._shared_thread = self.device.type == "cpu"
-        self._thread = compute_thread() if self._shared_thread else EngineThread(f"torch {card.id} [{shard.start}, {shard.end})")
+        self._thread = compute_thread() if self.device.type == "cpu" else EngineThread(f"torch {card.id} [{shard.start}, {shard.end})")
 
     # -- stepping ----------------------------------------------------------------------------
 
@@ -294,11 +292,7 @@ class TorchEngine:
 
     async def close(self) -> None:
         """Free the weights, caches and tokenizer. Safe to call twice."""
-        if self._shared_thread:
-            with anyio.CancelScope(shield=True):  # run the close, leave the shared thread
-                await self._thread.run(self._close)
-        else:
-            await self._thread.run_last(self._close)
+        await self._thread.run_last(self._close)  # a shared thread stays for the other engines
 
     def _close(self) -> None:
         with self._lock:

@@ -60,8 +60,7 @@ if TYPE_CHECKING:
 
 LAYOUTS = ("onednn", "transposed", "plain", "int8", "int4")
 _onednn_works: bool | None = None
-_int8_works: bool | None = None
-_int4_works: bool | None = None
+_quantized_works: dict[str, bool] = {}
 INT8_ALIGNMENT = 16  # torch's int8 kernel reads input features in groups of 16 (others: garbage or a crash)
 INT4_GROUP = 32  # input features sharing an int4 scale and offset
 INT4_ROWS = 16  # torch packs int4 matrices whose output rows come in multiples of 16
@@ -102,23 +101,6 @@ def cpu_vendor() -> str:
     return ""
 
 
-def int8_matmul_available() -> bool:
-    """Whether this torch multiplies bfloat16 rows by int8 matrices on the CPU (checked once)."""
-    global _int8_works
-    if _int8_works is None:
-        import torch
-
-        _int8_works = False
-        try:
-            x = torch.ones(2, INT8_ALIGNMENT, dtype=torch.bfloat16)
-            weight = torch.full((3, INT8_ALIGNMENT), 2, dtype=torch.int8)
-            got = torch._weight_int8pack_mm(x, weight, torch.full((3,), 0.5, dtype=torch.bfloat16))
-            _int8_works = bool(torch.equal(got.float(), torch.full((2, 3), float(INT8_ALIGNMENT))))
-        except (RuntimeError, AttributeError, NotImplementedError):
-            pass
-    return _int8_works
-
-
 @frozen(eq=False)  # tensors: compared by identity
 class Int8Matrix:
     """An (out, in) matrix as 8-bit integers and one bfloat16 scale per output row: row ``r`` is
@@ -142,24 +124,14 @@ class Int8Matrix:
         weight = torch.round(matrix / scales[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
         return cls(weight, scales.to(torch.bfloat16))
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.weight, self.scales]
-
-
-def int4_matmul_available() -> bool:
-    """Whether this torch packs int4 matrices and multiplies bfloat16 rows by them on the CPU (checked once)."""
-    global _int4_works
-    if _int4_works is None:
+    def multiply(self, h: torch.Tensor) -> torch.Tensor:
+        """``h`` (rows, in) bfloat16 times the matrix's transpose: (rows, out) bfloat16."""
         import torch
 
-        _int4_works = False
-        try:
-            matrix = Int4Matrix.quantize(torch.ones(INT4_ROWS, INT4_GROUP))
-            got = matrix.multiply(torch.ones(2, INT4_GROUP, dtype=torch.bfloat16))
-            _int4_works = bool(torch.allclose(got.float(), torch.full((2, INT4_ROWS), float(INT4_GROUP))))
-        except (RuntimeError, AttributeError, NotImplementedError, BackendError):
-            pass
-    return _int4_works
+        return torch._weight_int8pack_mm(h, self.weight, self.scales)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight, self.scales]
 
 
 @frozen(eq=False)  # tensors: compared by identity
@@ -206,7 +178,22 @@ class Int4Matrix:
         return [self.packed, self.scales_zeros]
 
 
-QUANTIZED = (Int8Matrix, Int4Matrix)
+QUANTIZED = {"int8": Int8Matrix, "int4": Int4Matrix}  # torch.quantize -> how a matrix is held
+
+
+def quantized_matmul_available(quantize: str) -> bool:
+    """Whether this torch holds and multiplies ``quantize`` matrices on the CPU (checked once each)."""
+    if quantize not in _quantized_works:
+        import torch
+
+        _quantized_works[quantize] = False
+        try:
+            matrix = QUANTIZED[quantize].quantize(torch.ones(INT4_ROWS, INT4_GROUP))
+            got = matrix.multiply(torch.ones(2, INT4_GROUP, dtype=torch.bfloat16)).float()
+            _quantized_works[quantize] = bool(torch.allclose(got, torch.full((2, INT4_ROWS), float(INT4_GROUP)), rtol=0.01))
+        except (RuntimeError, AttributeError, NotImplementedError, BackendError):
+            pass
+    return _quantized_works[quantize]
 
 
 def choose_layout(device: torch.device, dtype: torch.dtype, cpu_matmul: str, quantize: str = "none") -> str:
@@ -216,10 +203,10 @@ def choose_layout(device: torch.device, dtype: torch.dtype, cpu_matmul: str, qua
     ``auto`` packs for oneDNN except on Intel's CPUs, where MKL's own kernels are the faster."""
     import torch
 
-    if quantize in ("int8", "int4"):
+    if quantize in QUANTIZED:
         if device.type != "cpu":
             raise BackendError(f"torch.quantize {quantize} runs on a CPU, and this stage is on {device}; set torch.device: cpu or torch.quantize: none")
-        if not (int8_matmul_available() if quantize == "int8" else int4_matmul_available()):
+        if not quantized_matmul_available(quantize):
             raise BackendError(f"torch.quantize is {quantize}, but this torch cannot multiply by {quantize} matrices here; use torch.quantize: none")
         return quantize
     if device.type != "cpu" or dtype != torch.float32:
@@ -254,7 +241,7 @@ class Block:
     def tensors(self) -> list[torch.Tensor]:
         parts: list[torch.Tensor] = []
         for part in (self.qkv, self.out, self.gate_up, self.down):
-            parts.extend(part.tensors() if isinstance(part, QUANTIZED) else [part])
+            parts.extend(part.tensors() if isinstance(part, (Int8Matrix, Int4Matrix)) else [part])
         return parts + ([self.qkv_bias] if self.qkv_bias is not None else [])
 
 
@@ -303,23 +290,14 @@ class StageModel:
         elif layout == "transposed":
             self._project = lambda h, weight, bias=None: torch.mm(h, weight) if bias is None else torch.addmm(bias, h, weight)
             self._add_project = torch.addmm
-        elif layout == "int8":
-            int8_mm = torch._weight_int8pack_mm
+        elif layout in QUANTIZED:  # products on bfloat16-rounded rows, taken back to the stage's dtype
 
-            def project(h: torch.Tensor, weight: Int8Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
-                y = int8_mm(h.to(torch.bfloat16).contiguous(), weight.weight, weight.scales).to(dtype)
+            def project(h: torch.Tensor, weight: Int8Matrix | Int4Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
+                y = weight.multiply(h.to(torch.bfloat16).contiguous()).to(dtype)
                 return y if bias is None else y.add_(bias)
 
             self._project = project
             self._add_project = lambda x, h, weight: project(h, weight).add_(x)
-        elif layout == "int4":
-
-            def project4(h: torch.Tensor, weight: Int4Matrix, bias: torch.Tensor | None = None) -> torch.Tensor:
-                y = weight.multiply(h.to(torch.bfloat16).contiguous()).to(dtype)
-                return y if bias is None else y.add_(bias)
-
-            self._project = project4
-            self._add_project = lambda x, h, weight: project4(h, weight).add_(x)
         else:
             self._project = F.linear
             self._add_project = torch.addmm
@@ -516,7 +494,7 @@ class StageModel:
             return total
 
         blocks = count([t for block in self.blocks for t in block.tensors()])
-        head_tensors = self.head.tensors() if isinstance(self.head, QUANTIZED) else [self.head]
+        head_tensors = self.head.tensors() if isinstance(self.head, (Int8Matrix, Int4Matrix)) else [self.head]
         head = count([t for t in (self.norm, *head_tensors) if t is not None])
         return {"blocks": blocks, "embed": 0, "head": head}
 
@@ -541,7 +519,7 @@ def load_stage(
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     transposed = layout == "transposed"
     pack = torch.ops.mkldnn._reorder_linear_weight if layout == "onednn" else None
-    quantized = {"int8": Int8Matrix, "int4": Int4Matrix}.get(layout)
+    quantized = QUANTIZED.get(layout)
 
     def place(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(device=device, dtype=dtype).contiguous()
