@@ -6,6 +6,7 @@ Plugins import only what this module exports.
 from skulk_core.backend import (
     Backend,
     BackendCapabilities,
+    BlockingStepEngine,
     EmbeddingEngine,
     Engine,
     EngineOptions,
@@ -70,7 +71,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Accelerator", "AuthenticationError", "Backend", "BackendCapabilities", "BackendError", "BackendSite",
-    "BackendRegistry", "ByteStream", "ClusterEvent", "CommandRegistry", "Config", "ConfigError",
+    "BackendRegistry", "BlockingStepEngine", "ByteStream", "ClusterEvent", "CommandRegistry", "Config", "ConfigError",
     "ConfigLoader", "ConfigSectionRegistry", "Connection", "DEFAULT_MODEL_ID", "DuplicateNameError",
     "EmbeddingEngine", "Engine", "EngineThread", "GeneratedToken", "GenerationChunk", "GenerationRequest",
     "InstanceLostError", "ModelNotFoundError", "ModelNotReadyError", "SamplingParams", "TokenLogprob", "EngineOptions", "HttpRegistry", "HttpRequest", "HttpResponse", "LocalModel", "MetricSample",

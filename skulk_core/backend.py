@@ -155,6 +155,18 @@ class Engine(Protocol):
 
 
 @runtime_checkable
+class BlockingStepEngine(Protocol):
+    """Optionally implemented by an engine: :meth:`Engine.step` for a caller on a thread of its own,
+    blocking until the step is done. A direct stage link (:mod:`skulk_core.links`) steps a stage
+    this way from the thread that read the step, so the event loop is not on a pipeline hop. It
+    must run the step where ``step`` runs it, in order with the engine's other calls (on an
+    :class:`skulk_core.EngineThread`: ``thread.call(...)``). Engines without it are stepped through
+    the event loop."""
+
+    def step_blocking(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]: ...
+
+
+@runtime_checkable
 class EmbeddingEngine(Protocol):
     """Optionally implemented by whole-model engines whose backend declares ``embeddings``."""
 

@@ -131,6 +131,7 @@ class TransportSection:
     name: str = "tcp"
     host: str = "0.0.0.0"
     port: int = field(default=52416, validator=_port)
+    direct_links: bool = True  # pipeline steps between stages on direct sockets (skulk_core.links), not the transport
 
 
 @frozen

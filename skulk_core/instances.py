@@ -13,7 +13,9 @@ model again on the nodes left.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -23,11 +25,13 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from attrs import define, evolve, field
 
-from skulk_core.backend import Engine, EngineOptions, SequenceChunk, StageOutput, Tokenizer
+from skulk_core.backend import BlockingStepEngine, Engine, EngineOptions, SequenceChunk, StageOutput, Tokenizer
 from skulk_core.cluster.messages import (
     Command,
     CommandReply,
     GenerateForward,
+    LinkOffer,
+    LinkRequest,
     RemoteSampling,
     StageForward,
     StageRelease,
@@ -38,15 +42,18 @@ from skulk_core.cluster.messages import (
     StreamEnd,
     WireOutput,
 )
+from skulk_core.cluster.service import _fix_host
 from skulk_core.cluster.state import InstancePlaced, InstanceRecord, InstanceRemoved, StageStatusChanged
 from skulk_core.errors import (
     BackendError,
     ModelError,
     PlacementError,
+    ProtocolError,
     RequestError,
     SkulkError,
     TransportError,
 )
+from skulk_core.links import HANDSHAKE_TIMEOUT, Link, LinkServer, LinkTarget, connect, receive
 from skulk_core.inference import (
     DEFAULT_CONTEXT,
     GenerationChunk,
@@ -66,6 +73,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("skulk.instances")
 
 STEP_TIMEOUT = 300.0  # a remote step (a long prefill on a slow stage) may take this long
+LINK_RETRY = 10.0  # seconds before trying again to open a direct link that could not be opened
 
 
 @define(eq=False)
@@ -80,6 +88,9 @@ class LocalStage:
     lock: anyio.Lock = field(factory=lambda: anyio.Lock(fast_acquire=True))  # one step at a time through the engine
     inbox: Any = None  # memory stream of remote work, in arrival order
     samplers: dict[str, Sampler] = field(factory=dict)  # last stage: the samplers the head started here, by request id
+    outbound: Link | None = None  # the direct link to the next stage (the head, after the last one)
+    link_retry_at: float = 0.0  # monotonic time before which no new link is tried
+    link_lock: anyio.Lock = field(factory=anyio.Lock)  # one link opening at a time
 
     @property
     def instance_id(self) -> str:
@@ -128,7 +139,7 @@ class DistributedChain:
             )
             if any(not self.instances.node.cluster.is_alive(n) for n in pending.nodes):
                 raise TransportError("a stage's node is gone")
-            if not await self.instances.node.cluster.send_to(self.stages[1].node_id, forward):
+            if not await self.instances.send_step(self.stage, self.stages[1].node_id, forward):
                 raise TransportError(f"cannot reach stage 1 on {self.stages[1].node_id}")
             with anyio.fail_after(STEP_TIMEOUT):
                 await pending.done.wait()
@@ -191,12 +202,18 @@ class Instances:
         self._serving: dict[str, anyio.CancelScope] = {}  # stream id -> scope of a forwarded generation
         self._tokenizers: dict[str, Tokenizer] = {}
         self._changed_event: anyio.Event | None = None  # made in the event loop, on first use
+        self.links: LinkServer | None = None  # direct stage links (skulk_core.links); None: off
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._token: Any = None  # the event loop's, for calls into it from link threads
+        self._offers: dict[str, tuple[anyio.Event, list[LinkOffer], str]] = {}  # link request id -> (done, reply, asked node)
         cluster = node.cluster
         cluster.on(Command, self._on_command)
         cluster.on(StageReport, self._on_stage_report)
         cluster.on(StageForward, self._on_stage_forward)
         cluster.on(StageResult, self._on_stage_result)
         cluster.on(StageRelease, self._on_stage_release)
+        cluster.on(LinkRequest, self._on_link_request)
+        cluster.on(LinkOffer, self._on_link_offer)
         cluster.on(GenerateForward, self._on_generate)
         cluster.on(StreamChunk, self._on_stream_chunk)
         cluster.on(StreamEnd, self._on_stream_end)
@@ -212,6 +229,7 @@ class Instances:
         return self._changed_event
 
     async def run(self, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+        self._start_links()
         task_status.started()
         try:
             while True:
@@ -228,6 +246,8 @@ class Instances:
                     head.scope.cancel()
                 for stage in list(self.stages.values()):
                     await self._unload(stage)
+                if self.links is not None:
+                    self.links.close()
 
     def changed(self) -> None:
         self._changed.set()
@@ -431,6 +451,10 @@ class Instances:
         local.scope.cancel()
         if local.inbox is not None:
             local.inbox.close()
+        if local.outbound is not None:
+            local.outbound.close()
+        if self.links is not None:
+            self.links.close_links(local.instance_id)
         if local.engine is not None:
             with anyio.CancelScope(shield=True):
                 async with local.lock:
@@ -439,33 +463,75 @@ class Instances:
         log.info("unloaded stage %d of %s", local.index, local.instance.model_id)
 
     async def _stage_worker(self, local: LocalStage, inbox: Any) -> None:
-        """Run remote steps for a non-head stage, in the order they arrive."""
-        record = local.instance
-        stages = record.placement.stages
+        """Run the steps that reach a non-head stage on the transport, in the order they arrive
+        (those on a direct link run on its thread, :meth:`_on_link`)."""
         async with inbox:
             async for forward in inbox:
                 if local.engine is None:
                     return
+                await anyio.to_thread.run_sync(self._run_forward, local, forward)
+
+    def _run_forward(self, local: LocalStage, forward: StageForward) -> None:
+        """Step ``forward`` through this node's stage and pass the result on: the activations to the
+        next stage, or (the last stage) the logits or sampled tokens to the head. Blocking: runs on
+        a direct link's thread, or on a worker thread for a step that came on the transport."""
+        record = local.instance
+        stages = record.placement.stages
+        try:
+            outputs = self._step_blocking(local, forward.chunks)
+        except Exception as exc:
+            log.exception("stage %d of %s failed a step", local.index, record.model_id)
+            self._pass_on(local, forward.origin, StageResult(record.instance_id, forward.step_id, error=str(exc)))
+            return
+        if local.index + 1 < len(stages):
+            chunks = tuple(evolve(c, tokens=None, hidden=o.hidden) for c, o in zip(forward.chunks, outputs))
+            nxt = StageForward(record.instance_id, forward.step_id, forward.origin, local.index + 1, chunks, forward.samplers)
+            if not self._pass_on(local, stages[local.index + 1].node_id, nxt):
+                self._pass_on(local, forward.origin, StageResult(record.instance_id, forward.step_id, error=f"stage {local.index + 1} is unreachable"))
+            return
+        try:
+            wire = tuple(self._last_stage_output(local, forward, o) for o in outputs)
+        except Exception as exc:  # a sampler refused (its parameters were checked at the head)
+            log.exception("stage %d of %s failed to sample", local.index, record.model_id)
+            self._pass_on(local, forward.origin, StageResult(record.instance_id, forward.step_id, error=str(exc)))
+            return
+        self._pass_on(local, forward.origin, StageResult(record.instance_id, forward.step_id, wire))
+
+    def _step_blocking(self, local: LocalStage, chunks: Sequence[SequenceChunk]) -> list[StageOutput]:
+        engine = local.engine
+        if engine is None:
+            raise BackendError(f"stage {local.index} of {local.instance.model_id} is unloaded")
+        if isinstance(engine, BlockingStepEngine):
+            return engine.step_blocking(chunks)
+        return self._in_loop(self._step_locked, local, engine, chunks)
+
+    @staticmethod
+    async def _step_locked(local: LocalStage, engine: Engine, chunks: Sequence[SequenceChunk]) -> list[StageOutput]:
+        async with local.lock:
+            return await engine.step(chunks)
+
+    def _pass_on(self, local: LocalStage, node_id: str, msg: object) -> bool:
+        """From a thread: send ``msg`` to ``node_id``, on the direct link if it goes to the next
+        stage's node and one is open (or can be), else on the transport. False if neither got it."""
+        stages = local.instance.placement.stages
+        if self.links is not None and node_id == stages[(local.index + 1) % len(stages)].node_id:
+            link = local.outbound
+            if (link is None or link.closed) and time.monotonic() >= local.link_retry_at:
+                link = self._in_loop(self._outbound, local)
+            if link is not None and not link.closed:
                 try:
-                    async with local.lock:
-                        outputs = await local.engine.step(forward.chunks)
-                except Exception as exc:
-                    log.exception("stage %d of %s failed a step", local.index, record.model_id)
-                    await self.node.cluster.send_to(forward.origin, StageResult(record.instance_id, forward.step_id, error=str(exc)))
-                    continue
-                if local.index + 1 < len(stages):
-                    chunks = tuple(evolve(c, tokens=None, hidden=o.hidden) for c, o in zip(forward.chunks, outputs))
-                    nxt = StageForward(record.instance_id, forward.step_id, forward.origin, local.index + 1, chunks, forward.samplers)
-                    if not await self.node.cluster.send_to(stages[local.index + 1].node_id, nxt):
-                        await self.node.cluster.send_to(forward.origin, StageResult(record.instance_id, forward.step_id, error=f"stage {local.index + 1} is unreachable"))
-                else:
-                    try:
-                        wire = tuple(self._last_stage_output(local, forward, o) for o in outputs)
-                    except Exception as exc:  # a sampler refused (its parameters were checked at the head)
-                        log.exception("stage %d of %s failed to sample", local.index, record.model_id)
-                        await self.node.cluster.send_to(forward.origin, StageResult(record.instance_id, forward.step_id, error=str(exc)))
-                        continue
-                    await self.node.cluster.send_to(forward.origin, StageResult(record.instance_id, forward.step_id, wire))
+                    link.send(msg)
+                    return True
+                except TransportError as exc:
+                    log.info("%s; stage %d of %s sends on the transport", exc, local.index, local.instance.model_id)
+        return bool(self._in_loop(self.node.cluster.send_to, node_id, msg))
+
+    def _in_loop(self, func: Any, *args: Any) -> Any:
+        """From a thread: run ``await func(*args)`` in the node's event loop and return its result."""
+        try:
+            return anyio.from_thread.run(func, *args, token=self._token)
+        except RuntimeError:  # the event loop is gone: the node is stopping
+            return None
 
     @staticmethod
     def _last_stage_output(local: LocalStage, forward: StageForward, output: StageOutput) -> WireOutput:
@@ -492,6 +558,9 @@ class Instances:
             await self.node.cluster.send_to(forward.origin, StageResult(forward.instance_id, forward.step_id, error="stage overloaded or closing"))
 
     async def _on_stage_result(self, peer_id: str, result: StageResult) -> None:
+        self._take_result(result)
+
+    def _take_result(self, result: StageResult) -> None:
         pending = self.pending.get(result.step_id)
         if pending is not None:
             pending.result = result
@@ -504,6 +573,138 @@ class Instances:
         if local is not None and local.engine is not None:
             async with local.lock:
                 await local.engine.release(release.request_id)
+
+    # -- direct stage links (skulk_core.links) ------------------------------------------------
+    def _start_links(self) -> None:
+        config = self.node.config.transport
+        if not config.direct_links:
+            return
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            log.info("direct stage links need asyncio; stage traffic stays on the transport")
+            return
+        self._token = anyio.lowlevel.current_token()
+        server = LinkServer(config.host, self._on_link)
+        try:
+            server.start()
+        except OSError as exc:
+            log.warning("cannot listen for direct stage links on %s (%s); stage traffic stays on the transport", config.host, exc)
+            return
+        self.links = server
+
+    async def send_step(self, local: LocalStage, node_id: str, forward: StageForward) -> bool:
+        """The head sends a step to stage 1: on the direct link if one is open (or can be), else
+        on the transport. False if neither took it."""
+        link = await self._outbound(local)
+        if link is not None:
+            try:
+                rest = link.send_now(forward)
+                if rest is not None:  # a long prefill: the socket's buffer is full
+                    await anyio.to_thread.run_sync(rest)
+                return True
+            except TransportError as exc:
+                log.info("%s; the head of %s sends on the transport", exc, local.instance.model_id)
+        return await self.node.cluster.send_to(node_id, forward)
+
+    async def _outbound(self, local: LocalStage) -> Link | None:
+        """The direct link from ``local`` to the next stage (the head, after the last), opened on
+        first use; None when links are off, refused, or failed within the last :data:`LINK_RETRY` s."""
+        link = local.outbound
+        if link is not None and not link.closed:
+            return link
+        if self.links is None or time.monotonic() < local.link_retry_at:
+            return None
+        async with local.link_lock:
+            if local.outbound is not None and not local.outbound.closed:
+                return local.outbound
+            if time.monotonic() < local.link_retry_at:
+                return None
+            local.link_retry_at = time.monotonic() + LINK_RETRY
+            stages = local.instance.placement.stages
+            index = (local.index + 1) % len(stages)
+            node_id = stages[index].node_id
+            try:
+                local.outbound = await self._open_link(local, index, node_id)
+            except (TransportError, TimeoutError) as exc:
+                log.info("no direct link to stage %d of %s on %s (%s); steps to it go on the transport", index, local.instance.model_id, node_id, exc)
+                return None
+            if local.scope.cancel_called:  # unloaded while it opened
+                local.outbound.close()
+                return None
+            log.info("opened a direct link to stage %d of %s on %s at %s", index, local.instance.model_id, node_id, local.outbound.address)
+            self.node.emit("stage.link", model=local.instance.model_id, instance=local.instance_id, stage=index, node=node_id)
+            return local.outbound
+
+    async def _open_link(self, local: LocalStage, index: int, node_id: str) -> Link:
+        peer = self.node.cluster.peers.get(node_id)
+        connection = None if peer is None else peer.connection
+        if connection is None:
+            raise TransportError("not connected")
+        if getattr(connection, "tls", False):
+            local.link_retry_at = float("inf")
+            raise TransportError("the transport to it is encrypted and a direct link would not be")
+        request_id = uuid.uuid4().hex
+        done = anyio.Event()
+        replies: list[LinkOffer] = []
+        self._offers[request_id] = (done, replies, node_id)
+        try:
+            if not await self.node.cluster.send_to(node_id, LinkRequest(request_id, local.instance_id, index)):
+                raise TransportError("cannot reach it")
+            with anyio.fail_after(HANDSHAKE_TIMEOUT):
+                await done.wait()
+        finally:
+            self._offers.pop(request_id, None)
+        offer = replies[0]
+        if offer.error is not None or offer.address is None:
+            raise TransportError(offer.error or "it sent no address")
+        address = _fix_host(offer.address, connection.remote_address)
+        return await anyio.to_thread.run_sync(connect, address, offer.token)
+
+    async def _on_link_request(self, peer_id: str, request: LinkRequest) -> None:
+        await self.node.cluster.send_to(peer_id, self._offer_link(peer_id, request))
+
+    def _offer_link(self, peer_id: str, request: LinkRequest) -> LinkOffer:
+        if self.links is None:
+            return LinkOffer(request.request_id, error="direct stage links are off on that node")
+        local = self.stages.get(request.instance_id)
+        if local is None or local.index != request.stage_index or local.status != "ready":
+            return LinkOffer(request.request_id, error=f"stage {request.stage_index} of instance {request.instance_id} is not ready there")
+        stages = local.instance.placement.stages
+        if len(stages) < 2 or stages[(local.index - 1) % len(stages)].node_id != peer_id:
+            return LinkOffer(request.request_id, error=f"only the node of the stage before stage {local.index} may link to it")
+        token = self.links.offer(LinkTarget(request.instance_id, local.index, peer_id))
+        return LinkOffer(request.request_id, self.links.address, token)
+
+    async def _on_link_offer(self, peer_id: str, offer: LinkOffer) -> None:
+        waiter = self._offers.get(offer.request_id)
+        if waiter is not None and waiter[2] == peer_id and not waiter[1]:
+            waiter[1].append(offer)
+            waiter[0].set()
+
+    def _on_link(self, target: LinkTarget, sock: socket.socket) -> None:
+        """An inbound link's thread, until the link ends: results for a pipeline this node heads
+        (handed to the event loop), or steps for a stage it runs (stepped here, passed on)."""
+        try:
+            while (msg := receive(sock)) is not None:
+                if target.stage_index == 0 and isinstance(msg, StageResult) and msg.instance_id == target.instance_id:
+                    assert self._loop is not None
+                    self._loop.call_soon_threadsafe(self._take_result, msg)
+                    continue
+                if isinstance(msg, StageForward) and (msg.instance_id, msg.stage_index) == (target.instance_id, target.stage_index):
+                    local = self.stages.get(target.instance_id)
+                    if local is None or local.index != target.stage_index:
+                        return  # unloaded
+                    self._run_forward(local, msg)
+                    continue
+                log.warning("closing the direct link from %s: it sent %s, not a step of stage %d", target.peer_id, type(msg).__name__, target.stage_index)
+                return
+        except ProtocolError as exc:
+            log.warning("closing the direct link from %s: %s", target.peer_id, exc)
+        except TransportError as exc:
+            log.debug("the direct link from %s ended: %s", target.peer_id, exc)
+        except RuntimeError:  # the event loop is closed: the node is stopping
+            pass
 
     def _peer_left(self, node_id: str) -> None:
         for pending in self.pending.values():

@@ -21,6 +21,7 @@ on :func:`run_on_own_thread`, whose thread ends with it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import queue
 import threading
 from collections.abc import Callable
@@ -48,6 +49,7 @@ class EngineThread:
         self.shared = shared
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
         self._closed = False
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
@@ -58,12 +60,29 @@ class EngineThread:
         except RuntimeError:  # not asyncio (trio): anyio's own hand-off
             return await anyio.to_thread.run_sync(func, *args)
         future: asyncio.Future[T] = loop.create_future()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
-            self._thread.start()
-        self._queue.put((func, args, loop, future))  # before any await: the call starts now
+        self._put((func, args, loop, future))  # before any await: the call starts now
         with anyio.CancelScope(shield=True):
             return await future
+
+    def call(self, func: Callable[..., T], *args: Any) -> T:
+        """From a thread that is not an event loop's: run ``func(*args)`` here, after the calls
+        already queued, and block until it returns (its exception is raised to the caller)."""
+        if threading.current_thread() is self._thread:
+            return func(*args)  # already on it: queueing would wait for ourselves
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._put((func, args, None, future))
+        return future.result()
+
+    def _put(self, item: tuple[Any, ...]) -> None:
+        # Locked: the event loop and a stage link's thread may both be first, or one may close the
+        # thread while the other queues a call, which must then fail, not wait behind the stop.
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self.name} is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+                self._thread.start()
+            self._queue.put(item)
 
     @property
     def closed(self) -> bool:
@@ -86,9 +105,10 @@ class EngineThread:
 
     def close(self) -> None:
         """Let the thread end once the calls already queued have run (never blocks)."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(_STOP)
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
 
     def join(self, timeout: float | None = None) -> None:
         """After :meth:`close`: wait until the thread has ended (blocking; immediate when the queue
@@ -105,9 +125,15 @@ class EngineThread:
             try:
                 result = func(*args)
             except BaseException as exc:  # handed to the caller, raised there
-                _deliver(loop, future, None, exc)
+                if loop is None:
+                    future.set_exception(exc)
+                else:
+                    _deliver(loop, future, None, exc)
             else:
-                _deliver(loop, future, result, None)
+                if loop is None:
+                    future.set_result(result)
+                else:
+                    _deliver(loop, future, result, None)
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

@@ -37,7 +37,9 @@ ENV = {
 }
 
 
-def start_cluster(skulk_process: Callable[..., SkulkProcess], count: int, extra: Sequence[Sequence[str]] = ()) -> list[SkulkProcess]:
+def start_cluster(
+    skulk_process: Callable[..., SkulkProcess], count: int, extra: Sequence[Sequence[str]] = (), envs: Sequence[dict[str, str]] = ()
+) -> list[SkulkProcess]:
     ports = [find_free_port() for _ in range(count)]
     nodes = []
     for i, port in enumerate(ports):
@@ -46,7 +48,7 @@ def start_cluster(skulk_process: Callable[..., SkulkProcess], count: int, extra:
         if i:
             args += ["--peer", f"127.0.0.1:{ports[0]}"]
         args += list(extra[i]) if i < len(extra) else []
-        nodes.append(skulk_process(args, env=ENV))
+        nodes.append(skulk_process(args, env={**ENV, **(envs[i] if i < len(envs) else {})}))
     for node in nodes:
         node.wait_ready(60)
     try:
@@ -129,6 +131,10 @@ def test_split_one_two_and_three_ways_gives_the_same_greedy_tokens(skulk_process
         nodes[0].wait_for(lambda: all(not n.get("/state")["instances"] for n in nodes), 20, "instance removed")  # type: ignore[index]
     assert texts[1] == texts[2] == texts[3], texts
     assert texts[1].strip()
+    # the steps went stage to stage on direct links (skulk_core.links): in the 3-way placement
+    # every node opened one to the next stage, the last one's to the head
+    for node in nodes:
+        assert "opened a direct link to stage" in node.log_text(), node.log_text()[-3000:]
     assert sampled[1] == sampled[2] == sampled[3], sampled
     assert sampled[1][0].strip() and len(sampled[1][1]) > 3
 
@@ -146,7 +152,9 @@ def test_a_model_over_one_nodes_memory_limit_is_placed_over_two(skulk_process: C
     half = max(backend.estimate_memory(card, ShardRange(0, 4, 8), options), backend.estimate_memory(card, ShardRange(4, 8, 8), options))
     assert half < whole
     limit = ["--memory-limit", str(int((half + whole) / 2 / 0.95))]
-    nodes = start_cluster(skulk_process, 2, [limit, limit])
+    # Direct links off on one node: the steps go on the transport both ways, as they do for a
+    # node whose links are off or cannot be opened.
+    nodes = start_cluster(skulk_process, 2, [limit, limit], envs=[{}, {"SKULK_TRANSPORT_DIRECT_LINKS": "false"}])
     previews = call(nodes[0], "GET", f"/instance/previews?model={model}&backend=torch")["previews"]
     assert previews[0]["placement"] is None and "needs" in previews[0]["error"]  # one node is too small, with numbers
     assert previews[1]["placement"] is not None
@@ -154,6 +162,8 @@ def test_a_model_over_one_nodes_memory_limit_is_placed_over_two(skulk_process: C
     assert len(instance["stages"]) == 2, instance
     ready_everywhere(nodes, "wide-synthetic")
     assert greedy(nodes[0], "wide-synthetic", max_tokens=8) == greedy(nodes[1], "wide-synthetic", max_tokens=8)
+    assert "direct stage links are off on that node" in nodes[0].log_text()
+    assert "opened a direct link" not in nodes[0].log_text() + nodes[1].log_text()
 
 
 def test_placement_that_cannot_fit_says_so_with_numbers(skulk_process: Callable[..., SkulkProcess], tmp_path: Path) -> None:

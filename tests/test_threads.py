@@ -145,3 +145,34 @@ async def test_run_on_own_thread_ends_its_thread_with_the_call():
     assert not thread.is_alive()  # ended already: nothing it set up (an OpenMP team) outlives the call
     with pytest.raises(ValueError, match="bad input"):
         await run_on_own_thread("one-off load", int, "bad input")
+
+
+def test_call_runs_on_the_thread_from_another_thread_in_order_with_run():
+    """call() is run() for a plain thread (a direct stage link's): the same queue, the same thread,
+    the callee's exception raised to the caller; from the thread itself it runs inline."""
+    worker = EngineThread("engine test")
+    seen: list[str] = []
+
+    def record(tag: str) -> str:
+        seen.append(tag)
+        return threading.current_thread().name
+
+    def fail() -> None:
+        raise ValueError("from the engine")
+
+    async def from_the_loop() -> str:
+        return await worker.run(record, "loop")
+
+    assert anyio.run(from_the_loop) == "engine test"
+    results: list[object] = []
+    caller = threading.Thread(target=lambda: results.append(worker.call(record, "thread")))
+    caller.start()
+    caller.join(5)
+    assert results == ["engine test"] and seen == ["loop", "thread"]
+    with pytest.raises(ValueError, match="from the engine"):
+        worker.call(fail)
+    assert worker.call(lambda: worker.call(record, "nested")) == "engine test"  # inline, no deadlock
+    worker.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        worker.call(record, "late")
+    worker.join(5)

@@ -161,6 +161,29 @@ class StageRelease:
     request_id: str
 
 
+@message("link_request")
+@frozen
+class LinkRequest:
+    """Ask for a direct link (:mod:`skulk_core.links`) to stage ``stage_index`` of an instance,
+    sent by the node of the stage before it (the last stage's node, for the head)."""
+
+    request_id: str
+    instance_id: str
+    stage_index: int
+
+
+@message("link_offer")
+@frozen
+class LinkOffer:
+    """Where to connect (``host:port``; a ``0.0.0.0`` host means the host this node was reached
+    on) and the one-time token to present; or why not."""
+
+    request_id: str
+    address: str | None = None
+    token: bytes = field(default=b"", repr=False)
+    error: str | None = None
+
+
 # -- the data plane: generated tokens back to the node that took the request ----------------------
 
 

@@ -98,6 +98,14 @@ class TorchEngine:
         self._open_model()  # a closed engine says so
         return await self._thread.run(self._step, list(batch))
 
+    def step_blocking(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]:
+        """:meth:`step` for a caller on a thread of its own (a direct stage link's): the same step,
+        on the same thread, in order with every other call; blocks until it is done."""
+        if not batch:
+            return []
+        self._open_model()
+        return self._thread.call(self._step, list(batch))
+
     def _step(self, batch: list[SequenceChunk]) -> list[StageOutput]:
         import torch
 

@@ -534,6 +534,41 @@ def test_cpu_stages_step_on_the_process_compute_thread(tmp_path: Path) -> None:
     assert anyio.run(compute_thread().run, threading.current_thread).name == "skulk compute"
 
 
+def test_step_blocking_is_the_same_step_from_a_plain_thread(tmp_path: Path) -> None:
+    """A direct stage link steps a stage from its own thread: step_blocking gives what step gives,
+    computed on the compute thread, and a closed engine refuses it clearly."""
+    import threading
+
+    from skulk_core import BlockingStepEngine, BackendError
+
+    path = write_gguf(make_tiny("llama", n_layers=2), tmp_path / "tiny.gguf")
+    stages = [_load(path, ShardRange(0, 1, 2)), _load(path, ShardRange(1, 2, 2))]
+    try:
+        assert all(isinstance(stage, BlockingStepEngine) for stage in stages)
+        (hidden,) = anyio.run(stages[0].step, [SequenceChunk("a", 0, TOKENS[:4])])
+        (expected,) = anyio.run(stages[1].step, [SequenceChunk("a", 0, hidden=hidden.hidden)])
+        outputs: list[object] = []
+        names: list[str] = []
+        original = stages[1]._step
+
+        def spy(batch):
+            names.append(threading.current_thread().name)
+            return original(batch)
+
+        stages[1]._step = spy
+        caller = threading.Thread(target=lambda: outputs.extend(stages[1].step_blocking([SequenceChunk("b", 0, hidden=hidden.hidden)])))
+        caller.start()
+        caller.join(30)
+        assert names == ["skulk compute"]
+        np.testing.assert_allclose(outputs[0].logits, expected.logits, rtol=1e-5, atol=1e-5)  # type: ignore[attr-defined]
+        assert stages[1].step_blocking([]) == []
+    finally:
+        for stage in stages:
+            anyio.run(stage.close)
+    with pytest.raises(BackendError, match="closed"):
+        stages[1].step_blocking([SequenceChunk("c", 0, hidden=hidden.hidden)])
+
+
 def test_int8_refuses_what_it_cannot_run(tmp_path: Path) -> None:
     import torch
 
