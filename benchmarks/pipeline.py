@@ -29,7 +29,10 @@ separate machines does not, and this line shows what that leaves as the best 2 s
 
     .venv/bin/python benchmarks/pipeline.py [--only latency|aggregate|torch] [--tokens 64] [--runs 3] [--json]
         [--torch-device cpu|cuda|mps] [--torch-dtype float32|float16|bfloat16] [--quantize none|int8|int4]
+        [--links direct|transport]
 
+``--links transport`` turns the nodes' direct stage links off (``transport.direct_links: false``), so
+steps travel stage to stage on the transport's connections, as with a TLS transport.
 ``--quantize int8`` (or ``int4``) runs the nodes' stages (and the breakdown's) with that ``torch.quantize``; the
 torch part still compares float32 with transformers' float32.
 ``--torch-device``/``--torch-dtype`` move the torch part (both models) to a GPU or another element
@@ -288,7 +291,7 @@ class Instance:
 class LocalCluster:
     """``count`` real ``skulk run`` processes on loopback, joined to the first one."""
 
-    def __init__(self, root: Path, count: int, quantize: str = "none") -> None:
+    def __init__(self, root: Path, count: int, quantize: str = "none", links: str = "direct") -> None:
         from skulk_core.testing import SkulkProcess, find_free_port
 
         self.root = root
@@ -302,6 +305,7 @@ class LocalCluster:
                 "SKULK_SERVE_CONTEXT_LENGTH": str(CONTEXT),
                 "SKULK_SERVE_MAX_SEQUENCES": str(STREAMS),
                 "SKULK_TORCH_QUANTIZE": quantize,
+                "SKULK_TRANSPORT_DIRECT_LINKS": str(links == "direct").lower(),
             }
         )
         ports = [find_free_port() for _ in range(count)]
@@ -407,7 +411,7 @@ class Placed:
 
 def measure_placements(args: argparse.Namespace, parts: set[str], root: Path, gate: QuietGate) -> dict[int, Placed]:
     ways_list = [1, 2, 3] if "latency" in parts else [1, 2]
-    cluster = LocalCluster(root, NODES, args.quantize)
+    cluster = LocalCluster(root, NODES, args.quantize, args.links)
     results: dict[int, Placed] = {}
     try:
         log(f"starting {NODES} skulk nodes on loopback (logs under {root})")
@@ -873,6 +877,7 @@ def print_table(report: dict[str, Any]) -> None:
     placed = {int(k): v for k, v in report.get("placements", {}).items()}
     if any(p["per_token_ms"] for p in placed.values()):
         quantized = "" if report.get("quantize", "none") == "none" else f", torch.quantize {report['quantize']}"
+        quantized += ", steps on the transport" if report.get("links") == "transport" else ""
         print(f"\nPer-token latency, one stream, greedy, 1 thread a stage{quantized}, through the head's streaming chat endpoint")
         print(f"  {'stages':<8}{'layers':<24}{'ms a token':<20}{'tokens/s':<10}{'first token':<13}{'vs 1 stage':<12}{'others, cores':<14}")
         base = med(placed[1]["per_token_ms"]) if placed.get(1) and placed[1]["per_token_ms"] else None
@@ -955,6 +960,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--quantize", default="none", choices=["none", "int8", "int4"],
         help="torch.quantize of the nodes' stages and the breakdown (default none; the torch part compares float32 with transformers and ignores it)",
     )
+    parser.add_argument(
+        "--links", default="direct", choices=["direct", "transport"],
+        help="how steps travel between the nodes' stages: direct stage links (default) or the transport",
+    )
     parser.add_argument("--runs", type=int, default=3, help="runs of each measurement (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     parser.add_argument(
@@ -983,6 +992,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "tokens": args.tokens,
         "runs": args.runs,
         "quantize": args.quantize,
+        "links": args.links,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "cpus": os.cpu_count(),
         "loadavg_start": loadavg(),

@@ -464,38 +464,54 @@ class Instances:
 
     async def _stage_worker(self, local: LocalStage, inbox: Any) -> None:
         """Run the steps that reach a non-head stage on the transport, in the order they arrive
-        (those on a direct link run on its thread, :meth:`_on_link`)."""
+        (a step on a direct link runs on the link's thread: :meth:`_run_forward`)."""
+        cluster = self.node.cluster
         async with inbox:
             async for forward in inbox:
                 if local.engine is None:
                     return
-                await anyio.to_thread.run_sync(self._run_forward, local, forward)
+                try:
+                    async with local.lock:
+                        outputs = await local.engine.step(forward.chunks)
+                except Exception as exc:
+                    log.exception("stage %d of %s failed a step", local.index, local.instance.model_id)
+                    await cluster.send_to(forward.origin, StageResult(local.instance_id, forward.step_id, error=str(exc)))
+                    continue
+                node_id, msg = self._after_step(local, forward, outputs)
+                if not await cluster.send_to(node_id, msg) and isinstance(msg, StageForward):
+                    await cluster.send_to(forward.origin, self._unreachable(local, forward))
 
     def _run_forward(self, local: LocalStage, forward: StageForward) -> None:
-        """Step ``forward`` through this node's stage and pass the result on: the activations to the
-        next stage, or (the last stage) the logits or sampled tokens to the head. Blocking: runs on
-        a direct link's thread, or on a worker thread for a step that came on the transport."""
-        record = local.instance
-        stages = record.placement.stages
+        """:meth:`_stage_worker`'s step, for a step that came on a direct link: on the link's
+        thread, blocking, and passed on by the next link where there is one."""
         try:
             outputs = self._step_blocking(local, forward.chunks)
         except Exception as exc:
-            log.exception("stage %d of %s failed a step", local.index, record.model_id)
-            self._pass_on(local, forward.origin, StageResult(record.instance_id, forward.step_id, error=str(exc)))
+            log.exception("stage %d of %s failed a step", local.index, local.instance.model_id)
+            self._pass_on(local, forward.origin, StageResult(local.instance_id, forward.step_id, error=str(exc)))
             return
+        node_id, msg = self._after_step(local, forward, outputs)
+        if not self._pass_on(local, node_id, msg) and isinstance(msg, StageForward):
+            self._pass_on(local, forward.origin, self._unreachable(local, forward))
+
+    def _after_step(self, local: LocalStage, forward: StageForward, outputs: Sequence[StageOutput]) -> tuple[str, StageForward | StageResult]:
+        """Where a non-head stage's step goes next, and as what: the activations to the next stage,
+        or (the last stage) the logits or sampled tokens to the head, or why sampling failed."""
+        record = local.instance
+        stages = record.placement.stages
         if local.index + 1 < len(stages):
             chunks = tuple(evolve(c, tokens=None, hidden=o.hidden) for c, o in zip(forward.chunks, outputs))
-            nxt = StageForward(record.instance_id, forward.step_id, forward.origin, local.index + 1, chunks, forward.samplers)
-            if not self._pass_on(local, stages[local.index + 1].node_id, nxt):
-                self._pass_on(local, forward.origin, StageResult(record.instance_id, forward.step_id, error=f"stage {local.index + 1} is unreachable"))
-            return
+            return stages[local.index + 1].node_id, StageForward(record.instance_id, forward.step_id, forward.origin, local.index + 1, chunks, forward.samplers)
         try:
             wire = tuple(self._last_stage_output(local, forward, o) for o in outputs)
         except Exception as exc:  # a sampler refused (its parameters were checked at the head)
             log.exception("stage %d of %s failed to sample", local.index, record.model_id)
-            self._pass_on(local, forward.origin, StageResult(record.instance_id, forward.step_id, error=str(exc)))
-            return
-        self._pass_on(local, forward.origin, StageResult(record.instance_id, forward.step_id, wire))
+            return forward.origin, StageResult(record.instance_id, forward.step_id, error=str(exc))
+        return forward.origin, StageResult(record.instance_id, forward.step_id, wire)
+
+    @staticmethod
+    def _unreachable(local: LocalStage, forward: StageForward) -> StageResult:
+        return StageResult(local.instance_id, forward.step_id, error=f"stage {local.index + 1} is unreachable")
 
     def _step_blocking(self, local: LocalStage, chunks: Sequence[SequenceChunk]) -> list[StageOutput]:
         engine = local.engine
@@ -503,7 +519,10 @@ class Instances:
             raise BackendError(f"stage {local.index} of {local.instance.model_id} is unloaded")
         if isinstance(engine, BlockingStepEngine):
             return engine.step_blocking(chunks)
-        return self._in_loop(self._step_locked, local, engine, chunks)
+        outputs = self._in_loop(self._step_locked, local, engine, chunks)
+        if outputs is None:
+            raise BackendError("the node is stopping")
+        return outputs
 
     @staticmethod
     async def _step_locked(local: LocalStage, engine: Engine, chunks: Sequence[SequenceChunk]) -> list[StageOutput]:
@@ -527,7 +546,8 @@ class Instances:
         return bool(self._in_loop(self.node.cluster.send_to, node_id, msg))
 
     def _in_loop(self, func: Any, *args: Any) -> Any:
-        """From a thread: run ``await func(*args)`` in the node's event loop and return its result."""
+        """From a link's thread: run ``await func(*args)`` in the node's event loop and return its
+        result; None once the event loop is gone."""
         try:
             return anyio.from_thread.run(func, *args, token=self._token)
         except RuntimeError:  # the event loop is gone: the node is stopping
