@@ -5,6 +5,7 @@ thread without interleaving."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import socket
 import threading
@@ -192,3 +193,65 @@ def test_a_link_to_nothing_fails_clearly() -> None:
         port = probe.getsockname()[1]
     with pytest.raises(TransportError, match="cannot open a stage link"):
         connect(f"127.0.0.1:{port}", b"t" * links.TOKEN_BYTES, timeout=2)
+
+
+def test_a_cut_link_falls_back_to_the_transport_then_opens_again(tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Two nodes in this process, a tiny model split over both: its steps go on direct links; when
+    both links are cut under them (a network fault), the steps in flight go on the transport, the
+    greedy tokens stay the same, and new links open."""
+    pytest.importorskip("skulk_tcp", reason="the TCP transport plugin is not installed")
+    pytest.importorskip("skulk_torch", reason="the torch backend plugin is not installed")
+    from contextlib import ExitStack
+
+    from skulk_core import instances as instances_module
+    from skulk_core.inference import GenerationRequest
+    from skulk_core.sampling import SamplingParams
+    from skulk_core.testing import start_node_in_thread, write_synthetic_gguf
+
+    monkeypatch.setattr(instances_module, "LINK_RETRY", 0.0)  # try a new link at the next step
+    caplog.set_level(logging.INFO, logger="skulk.instances")
+    model = write_synthetic_gguf(tmp_path / "tiny-linked.gguf", n_layers=4)
+    sections: dict = {"cluster": {"key": "links-test", "heartbeat_interval": 0.2}, "serve": {"threads": 1}}
+
+    def wait(predicate, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.05)
+
+    with ExitStack() as stack:
+        first = start_node_in_thread(stack, tmp_path / "a", plugins=["tcp", "torch"], sections=sections)
+        wait(lambda: bool(first.cluster.addresses), "the first node's transport")
+        peers = {**sections, "cluster": {**sections["cluster"], "peers": list(first.cluster.addresses)}}
+        second = start_node_in_thread(stack, tmp_path / "b", plugins=["tcp", "torch"], sections=peers)
+        nodes = [first, second]
+        wait(lambda: all(len(n.cluster.state.nodes) == 2 for n in nodes), "two nodes joined")
+        instance_id = first.portal.call(lambda: first.instances.place(str(model), backend="torch", min_nodes=2))
+        wait(lambda: any(instance_id in n.instances.heads for n in nodes), "the pipeline's head")
+        head = next(n for n in nodes if instance_id in n.instances.heads)
+        other = second if head is first else first
+
+        def greedy() -> list[int]:
+            request = GenerationRequest("tiny-linked", (1, 2, 3, 4, 5), SamplingParams(temperature=0.0), max_tokens=8, ignore_eos=True)
+
+            async def run() -> list[int]:
+                tokens: list[int] = []
+                async for chunk in head.models.generate(request):
+                    tokens += [t.token_id for t in chunk.tokens]
+                return tokens
+
+            return head.portal.call(run)
+
+        expected = greedy()
+        assert len(expected) == 8
+        stages = [head.instances.stages[instance_id], other.instances.stages[instance_id]]
+        cut = [stage.outbound for stage in stages]
+        assert all(link is not None and not link.closed for link in cut)  # head -> stage 1, stage 1 -> head
+        for link in cut:
+            link.sock.shutdown(socket.SHUT_RDWR)  # the links do not know yet
+        assert greedy() == expected
+        assert all(link.closed for link in cut)
+        assert all(s.outbound is not None and s.outbound not in cut and not s.outbound.closed for s in stages)  # opened again
+        assert greedy() == expected
+    assert "the head of tiny-linked sends on the transport" in caplog.text
+    assert "stage 1 of tiny-linked sends on the transport" in caplog.text
