@@ -132,6 +132,7 @@ class TransportSection:
     host: str = "0.0.0.0"
     port: int = field(default=52416, validator=_port)
     direct_links: bool = True  # pipeline steps between stages on direct sockets (skulk_core.links), not the transport
+    links_port: int = field(default=0, validator=_port)  # where direct links are accepted; 0: a free port
 
 
 @frozen

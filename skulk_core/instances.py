@@ -90,7 +90,7 @@ class LocalStage:
     samplers: dict[str, Sampler] = field(factory=dict)  # last stage: the samplers the head started here, by request id
     outbound: Link | None = None  # the direct link to the next stage (the head, after the last one)
     link_retry_at: float = 0.0  # monotonic time before which no new link is tried
-    link_lock: anyio.Lock = field(factory=anyio.Lock)  # one link opening at a time
+    link_opening: bool = False  # a link to the next stage is being opened
 
     @property
     def instance_id(self) -> str:
@@ -535,8 +535,11 @@ class Instances:
         stages = local.instance.placement.stages
         if self.links is not None and node_id == stages[(local.index + 1) % len(stages)].node_id:
             link = local.outbound
-            if (link is None or link.closed) and time.monotonic() >= local.link_retry_at:
-                link = self._in_loop(self._outbound, local)
+            if (link is None or link.closed) and not local.link_opening and time.monotonic() >= local.link_retry_at:
+                try:  # starts opening one, for the next steps
+                    anyio.from_thread.run_sync(self._link_to_next, local, token=self._token)
+                except RuntimeError:  # the event loop is gone: the node is stopping
+                    pass
             if link is not None and not link.closed:
                 try:
                     link.send(msg)
@@ -605,7 +608,7 @@ class Instances:
             log.info("direct stage links need asyncio; stage traffic stays on the transport")
             return
         self._token = anyio.lowlevel.current_token()
-        server = LinkServer(config.host, self._on_link)
+        server = LinkServer(config.host, self._on_link, config.links_port)
         try:
             server.start()
         except OSError as exc:
@@ -614,9 +617,9 @@ class Instances:
         self.links = server
 
     async def send_step(self, local: LocalStage, node_id: str, forward: StageForward) -> bool:
-        """The head sends a step to stage 1: on the direct link if one is open (or can be), else
-        on the transport. False if neither took it."""
-        link = await self._outbound(local)
+        """The head sends a step to stage 1: on the direct link if one is open, else on the
+        transport. False if neither took it."""
+        link = self._link_to_next(local)
         if link is not None:
             try:
                 rest = link.send_now(forward)
@@ -627,34 +630,36 @@ class Instances:
                 log.info("%s; the head of %s sends on the transport", exc, local.instance.model_id)
         return await self.node.cluster.send_to(node_id, forward)
 
-    async def _outbound(self, local: LocalStage) -> Link | None:
-        """The direct link from ``local`` to the next stage (the head, after the last), opened on
-        first use; None when links are off, refused, or failed within the last :data:`LINK_RETRY` s."""
+    def _link_to_next(self, local: LocalStage) -> Link | None:
+        """The open direct link from ``local`` to the next stage (the head, after the last), or
+        None: then the step goes on the transport, and a link is opened in the background (one
+        attempt at a time, at most every :data:`LINK_RETRY` s), so no step waits for one."""
         link = local.outbound
         if link is not None and not link.closed:
             return link
-        if self.links is None or time.monotonic() < local.link_retry_at:
-            return None
-        async with local.link_lock:
-            if local.outbound is not None and not local.outbound.closed:
-                return local.outbound
-            if time.monotonic() < local.link_retry_at:
-                return None
+        if self.links is not None and not local.link_opening and time.monotonic() >= local.link_retry_at:
+            local.link_opening = True
             local.link_retry_at = time.monotonic() + LINK_RETRY
-            stages = local.instance.placement.stages
-            index = (local.index + 1) % len(stages)
-            node_id = stages[index].node_id
-            try:
-                local.outbound = await self._open_link(local, index, node_id)
-            except (TransportError, TimeoutError) as exc:
-                log.info("no direct link to stage %d of %s on %s (%s); steps to it go on the transport", index, local.instance.model_id, node_id, exc)
-                return None
-            if local.scope.cancel_called:  # unloaded while it opened
-                local.outbound.close()
-                return None
-            log.info("opened a direct link to stage %d of %s on %s at %s", index, local.instance.model_id, node_id, local.outbound.address)
-            self.node.emit("stage.link", model=local.instance.model_id, instance=local.instance_id, stage=index, node=node_id)
-            return local.outbound
+            self.node.task_group.start_soon(self._open_next_link, local, name=f"link from stage {local.index} of {local.instance.model_id}")
+        return None
+
+    async def _open_next_link(self, local: LocalStage) -> None:
+        stages = local.instance.placement.stages
+        index = (local.index + 1) % len(stages)
+        node_id = stages[index].node_id
+        try:
+            link = await self._open_link(local, index, node_id)
+        except (TransportError, TimeoutError) as exc:
+            log.info("no direct link to stage %d of %s on %s (%s); steps to it go on the transport", index, local.instance.model_id, node_id, exc)
+            return
+        finally:
+            local.link_opening = False
+        if local.scope.cancel_called:  # unloaded while it opened
+            link.close()
+            return
+        local.outbound = link
+        log.info("opened a direct link to stage %d of %s on %s at %s", index, local.instance.model_id, node_id, link.address)
+        self.node.emit("stage.link", model=local.instance.model_id, instance=local.instance_id, stage=index, node=node_id)
 
     async def _open_link(self, local: LocalStage, index: int, node_id: str) -> Link:
         peer = self.node.cluster.peers.get(node_id)

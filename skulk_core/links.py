@@ -200,10 +200,10 @@ class LinkServer:
     one to its stage. ``on_link(target, sock)`` then runs on that connection's own thread and reads
     it until it ends; the server closes the socket afterwards."""
 
-    def __init__(self, host: str, on_link: Callable[[LinkTarget, socket.socket], None]) -> None:
+    def __init__(self, host: str, on_link: Callable[[LinkTarget, socket.socket], None], port: int = 0) -> None:
         self.host = host
         self.on_link = on_link
-        self.port = 0
+        self.port = port
         self._listener: socket.socket | None = None
         self._tokens: dict[bytes, tuple[LinkTarget, float]] = {}
         self._sockets: dict[socket.socket, LinkTarget | None] = {}  # open connections, None: still owes its token
@@ -215,11 +215,12 @@ class LinkServer:
         return f"{self.host}:{self.port}"
 
     def start(self) -> None:
-        """Listen on an ephemeral port of ``host``; raises OSError when it cannot."""
+        """Listen on ``host`` and ``port`` (0: a free port); raises OSError when it cannot."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         try:
-            listener.bind((self.host.strip("[]"), 0))
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.host.strip("[]"), self.port))
             listener.listen(64)
         except OSError:
             listener.close()

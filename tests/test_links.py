@@ -74,6 +74,23 @@ def test_an_offered_token_opens_one_link_that_carries_typed_messages(server: Lin
         connect(server.address, token)  # a token opens one link only
 
 
+def test_the_listener_takes_the_configured_port() -> None:
+    from skulk_core.testing import find_free_port
+
+    port = find_free_port()
+    recorder = Recorder()
+    server = LinkServer("127.0.0.1", recorder, port)
+    server.start()
+    try:
+        assert server.address == f"127.0.0.1:{port}"
+        link = connect(f"127.0.0.1:{port}", server.offer(TARGET))
+        link.send(forward())
+        assert recorder.messages.get(timeout=5)[1] == forward()
+        link.close()
+    finally:
+        server.close()
+
+
 def test_a_wrong_or_expired_token_gets_nowhere(server: LinkServer, monkeypatch: pytest.MonkeyPatch) -> None:
     server.offer(TARGET)
     with pytest.raises(TransportError, match="refused"):
@@ -251,7 +268,8 @@ def test_a_cut_link_falls_back_to_the_transport_then_opens_again(tmp_path, monke
             link.sock.shutdown(socket.SHUT_RDWR)  # the links do not know yet
         assert greedy() == expected
         assert all(link.closed for link in cut)
-        assert all(s.outbound is not None and s.outbound not in cut and not s.outbound.closed for s in stages)  # opened again
+        # new links open in the background (steps never wait for one)
+        wait(lambda: all(s.outbound is not None and s.outbound not in cut and not s.outbound.closed for s in stages), "new links")
         assert greedy() == expected
     assert "the head of tiny-linked sends on the transport" in caplog.text
     assert "stage 1 of tiny-linked sends on the transport" in caplog.text
