@@ -530,8 +530,9 @@ class Instances:
             return await engine.step(chunks)
 
     def _pass_on(self, local: LocalStage, node_id: str, msg: object) -> bool:
-        """From a thread: send ``msg`` to ``node_id``, on the direct link if it goes to the next
-        stage's node and one is open (or can be), else on the transport. False if neither got it."""
+        """From a link's thread: send ``msg`` to ``node_id``, on the direct link if it goes to the
+        next stage's node and one is open (else one starts opening, for the next steps), else on
+        the transport. False if neither got it."""
         stages = local.instance.placement.stages
         if self.links is not None and node_id == stages[(local.index + 1) % len(stages)].node_id:
             link = local.outbound
