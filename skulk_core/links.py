@@ -212,7 +212,8 @@ class LinkServer:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        host = self.host.strip("[]")
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def start(self) -> None:
         """Listen on ``host`` and ``port`` (0: a free port); raises OSError when it cannot."""

@@ -91,6 +91,25 @@ def test_the_listener_takes_the_configured_port() -> None:
         server.close()
 
 
+def test_an_ipv6_listener_gives_an_address_peers_can_dial() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    recorder = Recorder()
+    server = LinkServer("::1", recorder)
+    try:
+        server.start()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    try:
+        assert server.address == f"[::1]:{server.port}"
+        link = connect(server.address, server.offer(TARGET))
+        link.send(forward())
+        assert recorder.messages.get(timeout=5)[1] == forward()
+        link.close()
+    finally:
+        server.close()
+
+
 def test_a_wrong_or_expired_token_gets_nowhere(server: LinkServer, monkeypatch: pytest.MonkeyPatch) -> None:
     server.offer(TARGET)
     with pytest.raises(TransportError, match="refused"):
