@@ -5,7 +5,9 @@ placement hook over the live nodes and writes ``InstancePlaced``. Every node app
 node that holds a stage resolves the model's files, loads its layer range with its backend and
 reports (``StageReport``); the master writes ``StageStatusChanged``. When every stage is ready the
 head node (stage 0) starts the scheduler with a :class:`DistributedChain`: its own engine, then
-the other stages over the transport, the last stage sending logits back to the head. Any node's
+the other stages, each step going stage to stage on direct links (:mod:`skulk_core.links`) where
+they are open and on the transport otherwise, the last stage sending tokens (or logits) back to the
+head. Any node's
 frontend can serve the instance: requests go to the head, tokens come back (``generate`` /
 ``stream_chunk``). When a stage's node leaves, the master removes the instance and places the
 model again on the nodes left.
