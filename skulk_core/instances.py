@@ -465,8 +465,9 @@ class Instances:
         log.info("unloaded stage %d of %s", local.index, local.instance.model_id)
 
     async def _stage_worker(self, local: LocalStage, inbox: Any) -> None:
-        """Run the steps that reach a non-head stage on the transport, in the order they arrive
-        (a step on a direct link runs on the link's thread: :meth:`_run_forward`)."""
+        """Run the steps that reach a non-head stage on the transport, in the order they arrive,
+        and pass each on as :meth:`send_step` does (a step that came on a direct link runs on the
+        link's thread: :meth:`_run_forward`)."""
         cluster = self.node.cluster
         async with inbox:
             async for forward in inbox:
@@ -480,7 +481,7 @@ class Instances:
                     await cluster.send_to(forward.origin, StageResult(local.instance_id, forward.step_id, error=str(exc)))
                     continue
                 node_id, msg = self._after_step(local, forward, outputs)
-                if not await cluster.send_to(node_id, msg) and isinstance(msg, StageForward):
+                if not await self.send_step(local, node_id, msg) and isinstance(msg, StageForward):
                     await cluster.send_to(forward.origin, self._unreachable(local, forward))
 
     def _run_forward(self, local: LocalStage, forward: StageForward) -> None:
@@ -619,19 +620,21 @@ class Instances:
             return
         self.links = server
 
-    async def send_step(self, local: LocalStage, node_id: str, forward: StageForward) -> bool:
-        """The head sends a step to stage 1: on the direct link if one is open, else on the
-        transport. False if neither took it."""
-        link = self._link_to_next(local)
+    async def send_step(self, local: LocalStage, node_id: str, msg: StageForward | StageResult) -> bool:
+        """From the event loop: send a step's message from ``local`` to ``node_id``, on the direct
+        link if it goes to the next stage's node and one is open (else one starts opening, for the
+        next steps), else on the transport. False if neither took it."""
+        stages = local.instance.placement.stages
+        link = self._link_to_next(local) if node_id == stages[(local.index + 1) % len(stages)].node_id else None
         if link is not None:
             try:
-                rest = link.send_now(forward)
+                rest = link.send_now(msg)
                 if rest is not None:  # a long prefill: the socket's buffer is full
                     await anyio.to_thread.run_sync(rest)
                 return True
             except TransportError as exc:
-                log.info("%s; the head of %s sends on the transport", exc, local.instance.model_id)
-        return await self.node.cluster.send_to(node_id, forward)
+                log.info("%s; stage %d of %s sends on the transport", exc, local.index, local.instance.model_id)
+        return await self.node.cluster.send_to(node_id, msg)
 
     def _link_to_next(self, local: LocalStage) -> Link | None:
         """The open direct link from ``local`` to the next stage (the head, after the last), or

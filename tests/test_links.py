@@ -290,5 +290,5 @@ def test_a_cut_link_falls_back_to_the_transport_then_opens_again(tmp_path, monke
         # new links open in the background (steps never wait for one)
         wait(lambda: all(s.outbound is not None and s.outbound not in cut and not s.outbound.closed for s in stages), "new links")
         assert greedy() == expected
-    assert "the head of tiny-linked sends on the transport" in caplog.text
+    assert "stage 0 of tiny-linked sends on the transport" in caplog.text
     assert "stage 1 of tiny-linked sends on the transport" in caplog.text
