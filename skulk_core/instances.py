@@ -98,6 +98,15 @@ class LocalStage:
     def instance_id(self) -> str:
         return self.instance.instance_id
 
+    @property
+    def next_index(self) -> int:
+        """The stage its steps go to: the next one, or the head after the last."""
+        return (self.index + 1) % len(self.instance.placement.stages)
+
+    @property
+    def next_node_id(self) -> str:
+        return self.instance.placement.stages[self.next_index].node_id
+
 
 @define(eq=False)
 class _PendingStep:
@@ -536,8 +545,7 @@ class Instances:
         """From a link's thread: send ``msg`` to ``node_id``, on the direct link if it goes to the
         next stage's node and one is open (else one starts opening, for the next steps), else on
         the transport. False if neither got it."""
-        stages = local.instance.placement.stages
-        if self.links is not None and node_id == stages[(local.index + 1) % len(stages)].node_id:
+        if self.links is not None and node_id == local.next_node_id:
             link = local.outbound
             if (link is None or link.closed) and not local.link_opening and time.monotonic() >= local.link_retry_at:
                 try:  # starts opening one, for the next steps
@@ -624,8 +632,7 @@ class Instances:
         """From the event loop: send a step's message from ``local`` to ``node_id``, on the direct
         link if it goes to the next stage's node and one is open (else one starts opening, for the
         next steps), else on the transport. False if neither took it."""
-        stages = local.instance.placement.stages
-        link = self._link_to_next(local) if node_id == stages[(local.index + 1) % len(stages)].node_id else None
+        link = self._link_to_next(local) if node_id == local.next_node_id else None
         if link is not None:
             try:
                 rest = link.send_now(msg)
@@ -650,9 +657,7 @@ class Instances:
         return None
 
     async def _open_next_link(self, local: LocalStage) -> None:
-        stages = local.instance.placement.stages
-        index = (local.index + 1) % len(stages)
-        node_id = stages[index].node_id
+        index, node_id = local.next_index, local.next_node_id
         try:
             link = await self._open_link(local, index, node_id)
         except (TransportError, TimeoutError) as exc:

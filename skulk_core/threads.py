@@ -125,18 +125,19 @@ class EngineThread:
             try:
                 result = func(*args)
             except BaseException as exc:  # handed to the caller, raised there
-                if loop is None:
-                    future.set_exception(exc)
-                else:
-                    _deliver(loop, future, None, exc)
+                _deliver(loop, future, None, exc)
             else:
-                if loop is None:
-                    future.set_result(result)
-                else:
-                    _deliver(loop, future, result, None)
+                _deliver(loop, future, result, None)
 
 
-def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+def _deliver(loop: asyncio.AbstractEventLoop | None, future: Any, result: Any, exc: BaseException | None) -> None:
+    if loop is None:  # from call(): a concurrent future, whose waiter blocks on it
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        return
+
     def settle() -> None:
         if future.done():
             return
