@@ -18,11 +18,10 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import aclosing, suppress
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
 from attrs import define, field, frozen
 
 from skulk_core.backend import MemorySiteReporter, SequenceChunk, StageOutput, Tokenizer
@@ -139,12 +138,55 @@ class TextAssembler:
         return text
 
 
+class _Chunks:
+    """One request's chunks, from the scheduler to the request's consumer.
+
+    An anyio memory object stream would do, but its ``receive`` goes round the event loop once
+    before it looks for an item (a checkpoint), and builds a waiter each time: per generated token,
+    on the loop every step waits for. Here a chunk already queued is returned at once, and the
+    consumer sleeps only when there is none; cancelling it there works as anywhere in anyio.
+    """
+
+    __slots__ = ("_items", "_ready", "closed")
+
+    def __init__(self) -> None:
+        self._items: deque[GenerationChunk | BaseException] = deque()
+        self._ready: anyio.Event | None = None
+        self.closed = False
+
+    def put(self, item: GenerationChunk | BaseException) -> None:
+        """Queue ``item`` (never blocks); nothing once closed."""
+        if self.closed:
+            return
+        self._items.append(item)
+        self._wake()
+
+    def close(self) -> None:
+        """No more items: the consumer ends after those queued."""
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._ready is not None:
+            self._ready.set()
+            self._ready = None
+
+    async def get(self) -> GenerationChunk | BaseException | None:
+        """The next item, waiting for it; None once closed and drained."""
+        while not self._items:
+            if self.closed:
+                return None
+            self._ready = ready = anyio.Event()
+            await ready.wait()
+        return self._items.popleft()
+
+
 @define(eq=False)
 class _Live:
     request: GenerationRequest
     sampler: Sampler
     text: TextAssembler
-    send: MemoryObjectSendStream[GenerationChunk | BaseException]
+    send: _Chunks
     queued_at: float
     position: int = 0  # positions already in the KV cache
     last_token: int | None = None
@@ -215,20 +257,20 @@ class InstanceRunner:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream ``request``'s chunks; closing the iterator early frees the sequence."""
         self.check(request)
-        send, receive = anyio.create_memory_object_stream[GenerationChunk | BaseException](math.inf)
-        live = _Live(request, Sampler(request.sampling, self._constraint(request), logprobs=request.logprobs), TextAssembler(request.stop), send, time.monotonic())
+        chunks = _Chunks()
+        live = _Live(request, Sampler(request.sampling, self._constraint(request), logprobs=request.logprobs), TextAssembler(request.stop), chunks, time.monotonic())
         self._waiting.append(live)
         self._wake.set()
         try:
-            async with receive:
-                async for item in receive:
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-                    if item.finish_reason is not None:
-                        return
+            while (item := await chunks.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
         finally:
             live.cancelled = True
+            chunks.close()
             self._wake.set()
 
     def _constraint(self, request: GenerationRequest) -> TokenConstraint | None:
@@ -248,9 +290,7 @@ class InstanceRunner:
             with anyio.CancelScope(shield=True):
                 lost = InstanceLostError(f"{self.model_id} stopped serving on this placement")
                 for live in [*(live for lane in self._lanes for live in lane.values()), *self._waiting]:
-                    # A finished request's stream is closed already, a gone client's is broken.
-                    with suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-                        live.send.send_nowait(lost)
+                    live.send.put(lost)  # nothing if the request finished or its client went away
                     live.send.close()
                 for lane in self._lanes:
                     lane.clear()
@@ -318,7 +358,7 @@ class InstanceRunner:
             else:
                 error = exc if isinstance(exc, SkulkError) else SkulkError(f"the model failed: {exc}")
             for live in members:
-                live.send.send_nowait(error)
+                live.send.put(error)
                 lane.pop(live.request.request_id, None)
                 live.send.close()
                 with anyio.CancelScope(shield=True):
@@ -346,8 +386,7 @@ class InstanceRunner:
                 sampled = live.sampler.sample(output.logits, want_logprobs=request.logprobs)
         except SkulkError as exc:  # this request cannot go on (its constraint allows no token)
             log.error("%s: %s", request.request_id, exc)
-            with suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-                live.send.send_nowait(exc)
+            live.send.put(exc)
             live.finished = True
             live.send.close()
             return
@@ -377,10 +416,7 @@ class InstanceRunner:
             if finish == "length":
                 text += live.text.flush()
         chunk = GenerationChunk(text, emitted, len(request.prompt), live.completion, finish)
-        try:
-            live.send.send_nowait(chunk)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            live.cancelled = True
+        live.send.put(chunk)
         if finish is not None:
             live.finished = True
             live.send.close()

@@ -11,7 +11,7 @@ import pytest
 
 from skulk_core.backend import SequenceChunk, StageOutput
 from skulk_core.errors import RequestError
-from skulk_core.inference import GenerationRequest, InstanceRunner, TextAssembler
+from skulk_core.inference import GenerationChunk, GenerationRequest, InstanceLostError, InstanceRunner, TextAssembler, _Chunks
 from skulk_core.pipeline import LocalChain
 from skulk_core.placement import ShardRange
 from skulk_core.sampling import Sampler, SamplingParams
@@ -298,3 +298,68 @@ def test_draws_follow_the_distribution_and_never_pick_an_impossible_token() -> N
     expected = probs[favourites] / probs.sum()
     observed = np.array([(drawn == t).mean() for t in favourites])
     assert np.allclose(observed, expected, atol=0.01)
+
+
+@pytest.mark.anyio
+async def test_a_request_takes_its_queued_chunks_without_a_trip_round_the_loop() -> None:
+    chunks = _Chunks()
+    first, second = (GenerationChunk(t, (), 1, i + 1) for i, t in enumerate("ab"))
+    chunks.put(first)
+    chunks.put(second)
+    with anyio.CancelScope() as scope:
+        scope.cancel()  # any checkpoint now raises: get must not go round the event loop
+        assert await chunks.get() is first
+        assert await chunks.get() is second
+    chunks.close()
+    chunks.put(first)  # after close: dropped
+    assert await chunks.get() is None
+
+
+@pytest.mark.anyio
+async def test_a_waiting_request_wakes_for_a_chunk_and_for_the_end_and_can_be_cancelled() -> None:
+    chunks = _Chunks()
+    got: list[object] = []
+
+    async def consume() -> None:
+        while (item := await chunks.get()) is not None:
+            got.append(item)
+        got.append("end")
+
+    with anyio.fail_after(2):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            await anyio.wait_all_tasks_blocked()
+            error = RequestError("boom")
+            chunks.put(error)
+            await anyio.wait_all_tasks_blocked()
+            assert got == [error]
+            chunks.close()
+        assert got == [error, "end"]
+        with anyio.move_on_after(0.05) as scope:
+            await _Chunks().get()
+        assert scope.cancelled_caught
+
+
+@pytest.mark.anyio
+async def test_stopping_the_runner_ends_live_and_waiting_streams_with_instance_lost() -> None:
+    engine = FakeEngine(delay=0.01)
+    engine.max_sequences = 1  # the second request waits for the first one's slot
+    runner = make_runner(engine)
+    errors: list[BaseException] = []
+
+    async def one(prompt: str) -> None:
+        try:
+            await collect(runner, greedy(prompt))
+        except InstanceLostError as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as clients:
+            async with anyio.create_task_group() as tg:
+                await tg.start(runner.run)
+                clients.start_soon(one, "abc")
+                clients.start_soon(one, "def")
+                while not engine.batches or runner.load != (1, 1):
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+    assert len(errors) == 2 and all("stopped serving" in str(e) for e in errors)
