@@ -201,13 +201,17 @@ class OpenAIFrontend:
         def chunk(delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None) -> bytes:
             return wire.sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]})
 
+        content = wire.sse_with_text({**base, "choices": [{"index": 0, "delta": {"content": wire.TEXT_SLOT}, "logprobs": None, "finish_reason": None}]})
         yield chunk({"role": "assistant", "content": ""})
         last: GenerationChunk | None = None
         try:
             async with aclosing(self.models.generate(gen_request)) as chunks:
                 async for piece in chunks:
                     logprobs = {"content": tokens.chat_content(piece.tokens), "refusal": None} if generation.logprobs else None
-                    if piece.text or (logprobs and logprobs["content"]):
+                    if logprobs is None:
+                        if piece.text:
+                            yield content(piece.text)
+                    elif piece.text or logprobs["content"]:
                         yield chunk({"content": piece.text}, logprobs=logprobs)
                     if piece.finish_reason is not None:
                         last = piece
@@ -267,6 +271,8 @@ class OpenAIFrontend:
         def chunk(text: str, finish_reason: str | None = None, logprobs: Any = None) -> bytes:
             return wire.sse({**base, "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]})
 
+        content = wire.sse_with_text({**base, "choices": [{"index": 0, "text": wire.TEXT_SLOT, "logprobs": None, "finish_reason": None}]})
+
         yield chunk(prefix) if prefix else wire.SSE_OPEN
         legacy = wire.LegacyLogprobs(tokens, len(prefix))
         last: GenerationChunk | None = None
@@ -277,7 +283,10 @@ class OpenAIFrontend:
                     if piece.finish_reason is not None:
                         last = piece
                         yield chunk(piece.text, piece.finish_reason, logprobs)
-                    elif piece.text or (logprobs and logprobs["tokens"]):
+                    elif logprobs is None:
+                        if piece.text:
+                            yield content(piece.text)
+                    elif piece.text or logprobs["tokens"]:
                         yield chunk(piece.text, None, logprobs)
         except Exception as exc:
             yield stream_error(exc)

@@ -7,7 +7,7 @@ import json
 import math
 import secrets
 import string
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from skulk_core import Tokenizer
@@ -26,6 +26,24 @@ def dumps(value: Any) -> bytes:
 
 def sse(value: Any) -> bytes:
     return b"data: " + dumps(value) + b"\n\n"
+
+
+TEXT_SLOT = "\x00skulk:text\x00"  # where sse_with_text puts each text; no id or model name holds it
+
+
+def sse_with_text(value: Any) -> Callable[[str], bytes]:
+    """An encoder for events shaped like ``value``, which holds the string :data:`TEXT_SLOT` once:
+    ``sse_with_text(value)(text)`` is ``sse(value)`` with ``text`` in that place. It encodes one
+    string per event instead of the whole object, and a stream sends one event per token."""
+    slot = dumps(TEXT_SLOT)
+    head, found, tail = sse(value).partition(slot)
+    if not found or slot in tail:
+        raise ValueError("the value must hold TEXT_SLOT exactly once")
+
+    def event(text: str) -> bytes:
+        return head + json.dumps(text, ensure_ascii=False).encode() + tail
+
+    return event
 
 
 SSE_DONE = b"data: [DONE]\n\n"
