@@ -13,6 +13,7 @@ sequence), so generation is never disturbed.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -48,6 +49,12 @@ _GGML_TYPES = {
 }
 
 
+# Chunks this short (decode steps) are checked and copied with plain Python, not numpy. Right after a
+# decode has streamed the weights through the caches, each numpy call costs 10-15x what it costs in a
+# loop; measured on the default model: 32 us to check a one-token chunk with numpy, against 2.2 us hot.
+_SHORT = 8
+
+
 class _Batch:
     """A ``llama_batch`` of ``capacity`` tokens, one sequence id each, with numpy views of its arrays."""
 
@@ -61,15 +68,23 @@ class _Batch:
         self._seq_ids = self.raw.seq_id
         self.size = 0
 
-    def add(self, tokens: np.ndarray, first_position: int, seq_id: int) -> None:
+    def add(self, tokens: Sequence[int] | np.ndarray, first_position: int, seq_id: int) -> None:
         """Append ``tokens`` (no outputs requested); the caller checks capacity."""
         start, end = self.size, self.size + len(tokens)
-        self.tokens[start:end] = tokens
-        self.positions[start:end] = np.arange(first_position, first_position + len(tokens), dtype=np.int32)
-        self.outputs[start:end] = 0
         seq_ids = self._seq_ids
-        for i in range(start, end):
-            seq_ids[i][0] = seq_id
+        if end - start <= _SHORT:  # a decode step's one token: plain stores beat numpy's calls
+            raw = self.raw
+            for i, token in enumerate(tokens, start):
+                raw.token[i] = token
+                raw.pos[i] = first_position + i - start
+                raw.logits[i] = 0
+                seq_ids[i][0] = seq_id
+        else:
+            self.tokens[start:end] = tokens
+            self.positions[start:end] = np.arange(first_position, first_position + len(tokens), dtype=np.int32)
+            self.outputs[start:end] = 0
+            for i in range(start, end):
+                seq_ids[i][0] = seq_id
         self.size = end
 
     def free(self) -> None:
@@ -189,7 +204,7 @@ class LlamaCppEngine:
                 self._lengths[seq_id] = position + len(tokens)
             return logits
 
-    def _plan(self, batch: list[SequenceChunk]) -> list[tuple[int, np.ndarray, bool]]:
+    def _plan(self, batch: list[SequenceChunk]) -> list[tuple[int, Sequence[int] | np.ndarray, bool]]:
         """Check the whole step before anything changes: (position, tokens, want_logits) per chunk."""
         plan = []
         seen: set[str] = set()
@@ -220,14 +235,20 @@ class LlamaCppEngine:
                     f"the chunk of request {request_id} starts at position {chunk.position}, but its KV cache "
                     f"holds {cached} positions; a chunk must continue (or rewind) its sequence"
                 )
-            tokens = np.asarray(chunk.tokens, dtype=np.int64)
-            if tokens.min() < 0 or tokens.max() >= self.vocab_size:
-                bad = int(tokens[(tokens < 0) | (tokens >= self.vocab_size)][0])
+            tokens: Sequence[int] | np.ndarray
+            if len(chunk.tokens) <= _SHORT:
+                tokens = chunk.tokens
+                outside = [t for t in tokens if not 0 <= t < self.vocab_size]
+            else:
+                ids = np.asarray(chunk.tokens, dtype=np.int64)
+                outside = ids[(ids < 0) | (ids >= self.vocab_size)].tolist()
+                tokens = ids.astype(np.int32)
+            if outside:
                 raise RequestError(
-                    f"token id {bad} of request {request_id} is outside the vocabulary (0 to {self.vocab_size - 1})",
+                    f"token id {outside[0]} of request {request_id} is outside the vocabulary (0 to {self.vocab_size - 1})",
                     param="prompt",
                 )
-            plan.append((chunk.position, tokens.astype(np.int32), chunk.want_logits))
+            plan.append((chunk.position, tokens, chunk.want_logits))
         fresh = len(seen - self._slots.keys())
         if fresh > len(self._free_slots):
             raise BackendError(
@@ -237,7 +258,7 @@ class LlamaCppEngine:
             )
         return plan
 
-    def _decode(self, seq_ids: list[int], plan: list[tuple[int, np.ndarray, bool]]) -> list[np.ndarray | None]:
+    def _decode(self, seq_ids: list[int], plan: list[tuple[int, Sequence[int] | np.ndarray, bool]]) -> list[np.ndarray | None]:
         """Fill the llama_batch chunk after chunk, decoding whenever it is full and once at the end."""
         batch = self._batch
         logits: list[np.ndarray | None] = [None] * len(plan)
@@ -269,7 +290,9 @@ class LlamaCppEngine:
             pointer = llama_cpp.llama_get_logits_ith(self._ctx, row)
             if not pointer:
                 raise BackendError(with_problems(f"llama.cpp returned no logits for batch row {row}"))
-            logits[index] = np.ctypeslib.as_array(pointer, shape=(self.vocab_size,)).copy()
+            row_logits = np.empty(self.vocab_size, dtype=np.float32)
+            ctypes.memmove(row_logits.ctypes.data, pointer, row_logits.nbytes)
+            logits[index] = row_logits
         pending.clear()
         batch.size = 0
 

@@ -174,6 +174,8 @@ def test_over_context_chunk_is_a_request_error(engine: Engine) -> None:
 def test_bad_chunks_are_refused_before_anything_runs(engine: Engine) -> None:
     with pytest.raises(RequestError, match="outside the vocabulary"):
         step(engine, [SequenceChunk("bad", 0, (1, 49152))])
+    with pytest.raises(RequestError, match="token id -1 "):  # a prompt-sized chunk is checked by numpy
+        step(engine, [SequenceChunk("bad", 0, [504] * 20 + [-1])])
     with pytest.raises(BackendError, match="hidden states"):
         step(engine, [SequenceChunk("bad", 0, hidden=Tensor.from_numpy(np.zeros((1, 576), np.float32)))])
     with pytest.raises(BackendError, match="starts at position 5"):
@@ -181,6 +183,25 @@ def test_bad_chunks_are_refused_before_anything_runs(engine: Engine) -> None:
     with pytest.raises(BackendError, match="twice"):
         step(engine, [SequenceChunk("bad", 0, (1,)), SequenceChunk("bad", 1, (2,))])
     assert engine.live_sequences == 0  # type: ignore[attr-defined]
+
+
+def test_short_chunks_and_long_ones_fill_the_batch_alike(engine: Engine) -> None:
+    # Chunks of a few tokens (decode steps) are written to the batch one by one, longer ones with
+    # numpy: a prompt fed either way leaves the same cache and gives the same logits.
+    assert engine.tokenizer is not None
+    prompt = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog, twice.")
+    assert len(prompt) > 10
+    (whole,) = step(engine, [SequenceChunk("long", 0, prompt)])
+    starts = range(0, len(prompt), 3)
+    for start in starts:
+        (pieces,) = step(engine, [SequenceChunk("short", start, prompt[start : start + 3], want_logits=start == starts[-1])])
+    assert whole is not None and pieces is not None
+    np.testing.assert_allclose(pieces, whole, atol=1e-3)
+    (next_long,) = step(engine, [SequenceChunk("long", len(prompt), (int(np.argmax(whole)),))])
+    (next_short,) = step(engine, [SequenceChunk("short", len(prompt), (int(np.argmax(pieces)),))])
+    release(engine, "long", "short")
+    assert next_long is not None and next_short is not None
+    np.testing.assert_allclose(next_short, next_long, atol=1e-3)
 
 
 def test_want_logits_false_and_rewinding(engine: Engine) -> None:
