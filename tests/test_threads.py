@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -80,20 +81,42 @@ async def test_an_exception_reaches_the_caller_and_the_thread_goes_on():
     worker.close()
 
 
-@pytest.mark.anyio
-async def test_a_cancelled_caller_waits_for_its_call_to_finish():
-    worker = EngineThread("engine test")
-    finished: list[float] = []
+def _slow(finished: list[float]) -> Callable[[], None]:
+    """A call that takes 0.3 s and notes when it ended."""
 
     def slow() -> None:
         time.sleep(0.3)
         finished.append(time.monotonic())
 
+    return slow
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_caller_waits_for_its_call_to_finish():
+    worker = EngineThread("engine test")
+    finished: list[float] = []
     with anyio.move_on_after(0.05):
-        await worker.run(slow)
+        await worker.run(_slow(finished))
     # the cancel scope took effect only once the call was over: engine state is never half-changed
     assert finished and time.monotonic() >= finished[0]
     worker.close()
+
+
+@pytest.mark.anyio
+async def test_a_caller_cancelled_while_the_thread_closes_still_waits_for_its_call():
+    worker = EngineThread("engine test")
+    finished: list[float] = []
+
+    async def close_soon() -> None:
+        await anyio.sleep(0.02)
+        worker.close()  # the cancelled caller can queue nothing more behind its call
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(close_soon)
+        with anyio.move_on_after(0.05) as scope:
+            await worker.run(_slow(finished))
+    assert scope.cancelled_caught
+    assert finished and time.monotonic() >= finished[0]
 
 
 @pytest.mark.anyio
