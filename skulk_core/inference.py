@@ -309,8 +309,11 @@ class InstanceRunner:
 
     async def _run_lane(self, lane: dict[str, _Live]) -> None:
         while True:
-            await self._reap_cancelled(lane)
-            self._admit(lane)
+            # Both checked before any call: this loop turns once a generated token.
+            if any(live.cancelled for live in lane.values()):
+                await self._reap_cancelled(lane)
+            if self._waiting:
+                self._admit(lane)
             if not lane:
                 wake = self._wake
                 if wake.is_set():
