@@ -25,7 +25,7 @@ S = TypeVar("S")  # a backend's settings class
 if TYPE_CHECKING:
     import numpy as np
 
-    from skulk_core.sampling import SampledToken
+    from skulk_core.sampling import SampledToken, Sampler
 
 
 @frozen
@@ -164,6 +164,22 @@ class BlockingStepEngine(Protocol):
     the event loop."""
 
     def step_blocking(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]: ...
+
+
+@runtime_checkable
+class DrawingEngine(Protocol):
+    """Optionally implemented by a whole-model engine: :meth:`Engine.step`, drawing each chunk's next
+    token on the engine's own thread right after the step, while its logits are still in the caches.
+
+    For every chunk that gives logits, the engine calls ``samplers[request_id].draw(logits)``
+    (:meth:`skulk_core.Sampler.draw`) if the request has a sampler there. ``logits`` may be a view
+    of the engine's own memory, valid only during the call: the sampler keeps nothing of it, so the
+    engine need not copy the vocabulary's logits. A token drawn gives ``StageOutput(request_id,
+    sampled=token)``; a request without a sampler, or one whose ``draw`` returns None, gets its
+    logits as from ``step``. The scheduler then takes the token (:meth:`~skulk_core.Sampler.observe`)
+    on the event loop. The core uses it for an instance of one stage on this node."""
+
+    async def step_and_draw(self, batch: Sequence[SequenceChunk], samplers: Mapping[str, Sampler]) -> list[StageOutput]: ...
 
 
 @runtime_checkable

@@ -382,7 +382,9 @@ class InstanceRunner:
     def _advance(self, live: _Live, output: StageOutput) -> None:
         request = live.request
         try:
-            if output.sampled is not None:  # the pipeline's last stage sampled it, with this request's seed
+            # Drawn already: by the engine on its thread (Sampler.draw), or by the pipeline's last
+            # stage with a copy of this sampler (same parameters and seed). Taken here.
+            if output.sampled is not None:
                 sampled = output.sampled
                 live.sampler.observe(sampled.token_id)
             else:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from attrs import define, evolve, field
 
-from skulk_core.backend import BlockingStepEngine, Engine, EngineOptions, SequenceChunk, StageOutput, Tokenizer
+from skulk_core.backend import BlockingStepEngine, DrawingEngine, Engine, EngineOptions, SequenceChunk, StageOutput, Tokenizer
 from skulk_core.cluster.messages import (
     Command,
     CommandReply,
@@ -125,6 +125,7 @@ class DistributedChain:
         self.record = stage.instance
         self.stages = self.record.placement.stages
         self._sampled_remotely: set[str] = set()  # requests whose last stage holds their sampler
+        self._draws_here: bool | None = None  # one stage, whose engine draws tokens on its thread
 
     @property
     def head(self) -> Engine:
@@ -136,8 +137,13 @@ class DistributedChain:
         return self.stage.lock
 
     async def step(self, batch: Sequence[SequenceChunk], samplers: Mapping[str, Sampler] | None = None) -> list[StageOutput]:
+        head = self.head
+        if self._draws_here is None:
+            self._draws_here = len(self.stages) == 1 and isinstance(head, DrawingEngine)
         async with self.stage.lock:
-            outputs = await self.head.step(batch)
+            if self._draws_here and samplers:
+                return await head.step_and_draw(batch, samplers)  # type: ignore[attr-defined]
+            outputs = await head.step(batch)
         if len(self.stages) == 1:
             return outputs
         chunks = tuple(evolve(chunk, tokens=None, hidden=out.hidden) for chunk, out in zip(batch, outputs))

@@ -89,6 +89,21 @@ class Sampler:
         self._bias: tuple[np.ndarray, np.ndarray] | None = None  # logit_bias as (ids, float32 values)
 
     def sample(self, logits: np.ndarray, *, want_logprobs: bool = False) -> SampledToken:
+        sampled = self._next(logits, want_logprobs)
+        self._taken(sampled.token_id)
+        return sampled
+
+    def draw(self, logits: np.ndarray) -> SampledToken | None:
+        """The token :meth:`sample` would give now (with log-probabilities if the request asked for
+        them), without taking it: :meth:`observe` takes it. An engine calls this on its own thread
+        (:class:`skulk_core.DrawingEngine`), where ``logits`` are still in the caches, and may pass a
+        view of its own memory: nothing here keeps ``logits``. None under a constraint, whose
+        state is the event loop's: such a sampler samples there."""
+        if self.constraint is not None:
+            return None
+        return self._next(logits, self.logprobs)
+
+    def _next(self, logits: np.ndarray, want_logprobs: bool) -> SampledToken:
         p = self.params
         logits = np.asarray(logits, dtype=np.float32)
         penalised = bool(self._counts) and bool(p.presence_penalty or p.frequency_penalty)
@@ -96,7 +111,6 @@ class Sampler:
             # The usual case: no copy of the whole vocabulary to change a few logits.
             token = _argmax_biased(logits, self._bias_for(logits.shape[0]))
             if self.constraint is None or self.constraint.allows(token):
-                self._taken(token)
                 return SampledToken(token, 0.0)
         if p.logit_bias or penalised:
             logits = logits.copy()
@@ -107,7 +121,6 @@ class Sampler:
                 counts = np.fromiter(self._counts.values(), dtype=np.float32)
                 logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
         token = self._choose(logits)
-        self._taken(token)
         if not want_logprobs and not p.top_logprobs:
             return SampledToken(token, 0.0)
         logprobs = log_softmax(logits)
@@ -125,8 +138,8 @@ class Sampler:
         return attrs.evolve(self.params, seed=self.seed)
 
     def observe(self, token: int) -> None:
-        """Count a token sampled elsewhere from these parameters (by a copy of this sampler at the
-        last stage of a pipeline), so penalties and the constraint here stay in step."""
+        """Take a token drawn elsewhere: by :meth:`draw`, or by a copy of this sampler at the last
+        stage of a pipeline. Penalties and the constraint here stay in step."""
         self._taken(token)
 
     def _taken(self, token: int) -> None:

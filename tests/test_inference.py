@@ -242,6 +242,37 @@ def test_sampler_logprobs_penalties_and_bias() -> None:
         SamplingParams(temperature=3.0)
 
 
+@pytest.mark.parametrize(
+    ("params", "logprobs"),
+    [
+        (SamplingParams(temperature=0.0, logit_bias={3: -5.0}), False),
+        (SamplingParams(temperature=0.9, top_p=0.95, frequency_penalty=0.5, presence_penalty=0.3, seed=5), False),
+        (SamplingParams(temperature=0.7, top_logprobs=3, seed=9), True),
+    ],
+)
+def test_a_draw_and_observe_give_what_sample_gives(params: SamplingParams, logprobs: bool) -> None:
+    # An engine draws on its own thread (Sampler.draw) and the scheduler takes the token after
+    # (observe): the same tokens, log-probabilities and penalties as sampling on the event loop.
+    rng = np.random.default_rng(3)
+    rows = [(rng.normal(size=300) * 2).astype(np.float32) for _ in range(40)]
+    sampling, drawing = Sampler(params, logprobs=logprobs), Sampler(params, logprobs=logprobs)
+    for row in rows:
+        expected = sampling.sample(row, want_logprobs=logprobs)
+        view = row.copy()
+        drawn = drawing.draw(view)
+        view[:] = np.nan  # the engine's buffer is overwritten by the next step: nothing kept it
+        assert drawn == expected
+        drawing.observe(drawn.token_id)
+    assert drawing._counts == sampling._counts
+
+
+def test_a_constrained_sampler_leaves_drawing_to_the_event_loop() -> None:
+    from skulk_core.constraints import JsonObjectConstraint, TokenTexts
+
+    sampler = Sampler(SamplingParams(temperature=0.0), JsonObjectConstraint(TokenTexts(FakeTokenizer())))
+    assert sampler.draw(np.zeros(VOCAB, dtype=np.float32)) is None
+
+
 class SlowReleaseEngine(FakeEngine):
     """A FakeEngine whose release takes a while, so the runner can be stopped in the middle of it."""
 

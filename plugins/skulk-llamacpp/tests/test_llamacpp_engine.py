@@ -10,12 +10,16 @@ import pytest
 
 from skulk_core import (
     BackendError,
+    DrawingEngine,
     EmbeddingEngine,
     Engine,
     EngineOptions,
     ModelCard,
     ModelFiles,
     RequestError,
+    SampledToken,
+    Sampler,
+    SamplingParams,
     SequenceChunk,
     ShardRange,
     Tensor,
@@ -202,6 +206,34 @@ def test_short_chunks_and_long_ones_fill_the_batch_alike(engine: Engine) -> None
     release(engine, "long", "short")
     assert next_long is not None and next_short is not None
     np.testing.assert_allclose(next_short, next_long, atol=1e-3)
+
+
+def test_tokens_drawn_on_the_compute_thread_are_those_of_the_logits(engine: Engine) -> None:
+    # step_and_draw (skulk_core.DrawingEngine): requests with a sampler get the token it draws from
+    # llama.cpp's own buffer, the others (and a sampler that declines) get their logits as from step.
+    assert isinstance(engine, DrawingEngine)
+    assert engine.tokenizer is not None
+    prompt = engine.tokenizer.encode("The capital of France is")
+    drawn: list[int] = []
+
+    class Declines(Sampler):
+        def draw(self, logits: np.ndarray) -> SampledToken | None:
+            return None
+
+    greedy, declines = Sampler(SamplingParams(temperature=0.0)), Declines(SamplingParams(temperature=0.0))
+    batch = [SequenceChunk("drawn", 0, prompt), SequenceChunk("plain", 0, prompt), SequenceChunk("declined", 0, prompt)]
+    for _ in range(6):
+        outputs = anyio.run(engine.step_and_draw, batch, {"drawn": greedy, "declined": declines})
+        assert [o.request_id for o in outputs] == ["drawn", "plain", "declined"]
+        token, plain, declined = outputs[0].sampled, outputs[1].logits, outputs[2].logits
+        assert token is not None and outputs[0].logits is None
+        assert plain is not None and declined is not None and outputs[1].sampled is None
+        assert token.token_id == int(np.argmax(plain)) == int(np.argmax(declined))
+        greedy.observe(token.token_id)
+        drawn.append(token.token_id)
+        batch = [SequenceChunk(c.request_id, c.position + c.length, (token.token_id,)) for c in batch]
+    release(engine, "drawn", "plain", "declined")
+    assert drawn == greedy_alone(engine, "alone", prompt, 6)
 
 
 def test_want_logits_false_and_rewinding(engine: Engine) -> None:
