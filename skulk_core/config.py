@@ -81,6 +81,8 @@ class NodeSection:
     data_dir: str | None = None  # default: ~/.skulk (SKULK_HOME)
     memory_limit: str | None = field(default=None, validator=_size)  # e.g. "4GiB"
     log_level: str = field(default="info", validator=_one_of("debug", "info", "warning", "error"))
+    # "auto": uvloop where it is installed (it is a dependency on Linux and macOS), else asyncio's own
+    event_loop: str = field(default="auto", validator=_one_of("auto", "asyncio", "uvloop"))
 
     @property
     def memory_limit_bytes(self) -> int | None:

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import httpx
 import pytest
 import yaml
@@ -249,12 +250,12 @@ class RunningNode:
 def start_skulk_run(tmp_path: Path, free_port: int):
     processes: list[subprocess.Popen] = []
 
-    def start(*extra: str, wait: bool = True) -> RunningNode:
+    def start(*extra: str, wait: bool = True, env: dict[str, str] | None = None) -> RunningNode:
         data_dir = tmp_path / "node"
         out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
         args = [*SKULK, "run", "--data-dir", str(data_dir), "--api-host", "127.0.0.1", "--api-port", str(free_port), "--no-autoload", *extra]
         with out.open("w") as stdout, err.open("w") as stderr:
-            process = subprocess.Popen(args, cwd=tmp_path, env=skulk_env(), stdout=stdout, stderr=stderr, text=True)
+            process = subprocess.Popen(args, cwd=tmp_path, env={**skulk_env(), **(env or {})}, stdout=stdout, stderr=stderr, text=True)
         processes.append(process)
         node = RunningNode(process, free_port, data_dir, out, err)
         if wait:
@@ -277,9 +278,12 @@ def start_skulk_run(tmp_path: Path, free_port: int):
             process.wait(timeout=10)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_run_serves_then_stops_cleanly_on_a_signal(start_skulk_run, signum: int):
-    node = start_skulk_run()
+@pytest.mark.parametrize(
+    ("signum", "loop"), [(signal.SIGTERM, "auto"), (signal.SIGINT, "asyncio")], ids=["SIGTERM-uvloop", "SIGINT-asyncio"]
+)
+def test_run_serves_then_stops_cleanly_on_a_signal(start_skulk_run, signum: int, loop: str):
+    node = start_skulk_run(env={"SKULK_NODE_EVENT_LOOP": loop})
+    assert f"event loop: {'uvloop' if loop == 'auto' else 'asyncio'}" in node.stderr  # uvloop is a dependency here
     health = httpx.get(f"{node.url}/health", timeout=5).json()
     assert health["status"] == "ok"
     assert httpx.get(f"{node.url}/node_id", timeout=5).json() == health["node_id"]
@@ -359,3 +363,13 @@ def test_status_shows_where_a_backends_stages_would_live(monkeypatch: pytest.Mon
     monkeypatch.setattr(cli, "_api_call", lambda *args: state)
     out = CliRunner().invoke(cli.cli, ["status"]).output
     assert "llamacpp,torch@cuda:0(7.6GiB)" in out and "60.0/64.0 GiB" in out
+
+
+def test_the_event_loop_choice_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from skulk_core.cli import _use_uvloop
+
+    assert _use_uvloop("auto") and _use_uvloop("uvloop") and not _use_uvloop("asyncio")
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
+    assert not _use_uvloop("auto")
+    with pytest.raises(click.ClickException, match="uvloop is not installed"):
+        _use_uvloop("uvloop")
