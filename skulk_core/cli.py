@@ -327,7 +327,7 @@ def status(api_url: str, api_key: str | None, as_json: bool) -> None:
 
 def _use_uvloop(choice: str) -> bool:
     """``node.event_loop``: uvloop runs the node's event loop for less CPU than asyncio's own (on the
-    default model on two cores, 255-265 against 305-320 us of the loop's CPU per streamed token)."""
+    default model on two cores, 258-266 against 305-320 us of the loop's CPU per streamed token)."""
     if choice == "asyncio":
         return False
     try:

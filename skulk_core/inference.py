@@ -142,9 +142,10 @@ class _Chunks:
     """One request's chunks, from the scheduler to the request's consumer.
 
     An anyio memory object stream would do, but its ``receive`` goes round the event loop once
-    before it looks for an item (a checkpoint), and builds a waiter each time: per generated token,
-    on the loop every step waits for. Here a chunk already queued is returned at once, and the
-    consumer sleeps only when there is none; cancelling it there works as anywhere in anyio.
+    before it looks for an item (a checkpoint) and builds a waiter each time: once per generated
+    token, on the event loop, whose time the next step waits for. Here a chunk already queued is
+    returned at once, and the consumer sleeps only when there is none (cancellable there, as any
+    anyio wait).
     """
 
     __slots__ = ("_items", "_ready", "closed")
