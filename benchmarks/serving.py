@@ -1012,6 +1012,20 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def paired(samples: dict[str, Samples], metric: str, name: str, against: str) -> dict[str, Any] | None:
+    """``name`` / ``against`` round by round: each round measured both one after the other, so its
+    own ratio is free of the drift between rounds (raw alone moved 147-182 tokens/s between runs
+    here). The median and range over the rounds neither sample of which others disturbed (over all
+    of them when there is none such)."""
+    a, b = samples[name], samples[against]
+    pairs = list(zip(getattr(a, metric), getattr(b, metric), a.noisy.get(metric, []), b.noisy.get(metric, [])))
+    clean = [x / y for x, y, noisy_x, noisy_y in pairs if y and not noisy_x and not noisy_y]
+    ratios = clean or [x / y for x, y, _, _ in pairs if y]
+    if not ratios:
+        return None
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": len(ratios)}
+
+
 def _report(args: argparse.Namespace, samples: dict[str, Samples], info: dict[str, Any]) -> dict[str, Any]:
     med = {name: {k: s.median(k) for k in ("decode", "ttft", "aggregate", "worst_ttft")} for name, s in samples.items()}
     skulk, peer, raw = med["skulk"], med["peer"], med["raw"]
@@ -1050,6 +1064,12 @@ def _report(args: argparse.Namespace, samples: dict[str, Samples], info: dict[st
         "medians": med,
         "samples": {name: attrs.asdict(s) for name, s in samples.items()},
         "aggregate_vs_raw_batch": _ratio(skulk["aggregate"], raw["aggregate"]),
+        # decode and aggregate samples are one per round for each system, so they pair up by index
+        "paired": {
+            f"{metric}_vs_{against}": paired(samples, metric, "skulk", against)
+            for metric in ("decode", "aggregate")
+            for against in ("peer", "raw")
+        },
         "info": info,
         "targets": targets,
     }
@@ -1093,6 +1113,16 @@ def print_table(report: dict[str, Any]) -> None:
         "\nthe range of all samples, and how many of all were undisturbed."
     )
     print("raw: time to first token is the prefill of one prompt (single) or of all prompts in one batch (aggregate).")
+    cells = []
+    for key, label in (("decode", "single-stream decode"), ("aggregate", f"aggregate, {s['clients']} clients")):
+        for against in ("peer", "raw"):
+            pair = report["paired"][f"{key}_vs_{against}"]
+            if pair is not None:
+                cells.append(f"{label} skulk/{against} {pair['median']:.2f}x ({pair['min']:.2f}-{pair['max']:.2f}, {pair['rounds']} rounds)")
+    if cells:
+        print("paired by round (the median of each round's own ratio; the targets use the medians above):")
+        for cell in cells:
+            print(f"  {cell}")
     print("\ntargets (issue 3):")
     for target in report["targets"]:
         mark = {True: "met", False: "MISSED", None: "n/a"}[target["met"]]

@@ -116,3 +116,14 @@ def test_lean_client_times_every_stream(serving, server) -> None:  # type: ignor
         assert 0 < stream.ttft <= stream.end
     with pytest.raises(RuntimeError, match="answered 404: .*no such model"):
         serving.single_stream(url, {"model": "missing", "max_tokens": 5})
+
+
+def test_paired_ratios_take_each_rounds_own_ratio_and_skip_disturbed_rounds(serving) -> None:  # type: ignore[no-untyped-def]
+    skulk, raw = serving.Samples(), serving.Samples()
+    for value, against, noisy in [(90.0, 100.0, False), (180.0, 200.0, False), (50.0, 100.0, True), (95.0, 100.0, False)]:
+        skulk.add("decode", value, noisy)
+        raw.add("decode", against, False)
+    pair = serving.paired({"skulk": skulk, "raw": raw}, "decode", "skulk", "raw")
+    # the round that ran fast on both sides (180/200) pairs to 0.9; the medians of each side give 95/100
+    assert pair == {"median": 0.9, "min": 0.9, "max": 0.95, "rounds": 3}
+    assert serving.paired({"skulk": serving.Samples(), "raw": serving.Samples()}, "decode", "skulk", "raw") is None
