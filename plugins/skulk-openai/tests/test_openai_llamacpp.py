@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,24 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
         assert len(entry.top_logprobs) == 3
         # greedy: the chosen token is the most likely one
         assert entry.top_logprobs[0].token == entry.token and entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
+
+
+def test_tokens_are_drawn_on_the_compute_thread(client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The llama.cpp engine is a DrawingEngine: each token is drawn by the request's own sampler on
+    # the process's compute thread, from llama.cpp's logits, not on the event loop from a copy.
+    from skulk_core import Sampler
+
+    drawn_on: list[str] = []
+    draw = Sampler.draw
+
+    def spy(self: Sampler, logits: Any) -> Any:
+        drawn_on.append(threading.current_thread().name)
+        return draw(self, logits)
+
+    monkeypatch.setattr(Sampler, "draw", spy)
+    reply = client.chat.completions.create(model=MODEL, messages=HI, temperature=0, max_tokens=5)
+    assert drawn_on and set(drawn_on) == {"skulk compute"}
+    assert len(drawn_on) == reply.usage.completion_tokens  # one draw a generated token
 
 
 def test_completions(client: openai.OpenAI) -> None:
