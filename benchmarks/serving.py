@@ -1015,8 +1015,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def paired(samples: dict[str, Samples], metric: str, name: str, against: str) -> dict[str, Any] | None:
     """``name`` / ``against`` round by round: each round measured both one after the other, so its
     own ratio is free of the drift between rounds (raw alone moved 147-182 tokens/s between runs
-    here). The median and range over the rounds neither sample of which others disturbed (over all
-    of them when there is none such)."""
+    here). The median and range over the rounds in which no other process disturbed either sample
+    (over all rounds when there is no such round)."""
     a, b = samples[name], samples[against]
     pairs = list(zip(getattr(a, metric), getattr(b, metric), a.noisy.get(metric, []), b.noisy.get(metric, [])))
     clean = [x / y for x, y, noisy_x, noisy_y in pairs if y and not noisy_x and not noisy_y]
