@@ -14,6 +14,7 @@ from skulk_core.backend import (
     SequenceChunk,
     StageOutput,
     Tokenizer,
+    draw_outputs,
     section_settings,
 )
 from skulk_core.config import Config, ConfigLoader, parse_size
@@ -81,6 +82,6 @@ __all__ = [
     "PlacementPreview", "PlacementRequest", "PluginError", "ProtocolError", "ReadyFiles",
     "RequestError", "SequenceChunk", "ServiceRegistry", "ShardRange", "SkulkError", "StageAssignment",
     "StageOutput", "Tensor", "Tokenizer", "TraceSpan", "Transport", "TransportContext",
-    "TransportError", "TransportRegistry", "compute_thread", "default_model_path", "error_body", "hookimpl", "hookspec",
+    "TransportError", "TransportRegistry", "compute_thread", "default_model_path", "draw_outputs", "error_body", "hookimpl", "hookspec",
     "node_id_for", "run_on_own_thread", "section_settings",
 ]

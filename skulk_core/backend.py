@@ -182,6 +182,18 @@ class DrawingEngine(Protocol):
     async def step_and_draw(self, batch: Sequence[SequenceChunk], samplers: Mapping[str, Sampler]) -> list[StageOutput]: ...
 
 
+def draw_outputs(outputs: Sequence[StageOutput], samplers: Mapping[str, Sampler]) -> list[StageOutput]:
+    """``outputs`` with the next token drawn wherever a request has logits and a sampler in
+    ``samplers`` (see :class:`DrawingEngine`): for an engine whose step already returns logits
+    arrays of its own, ``step_and_draw`` is this, run on its thread right after the step."""
+    drawn = []
+    for output in outputs:
+        sampler = samplers.get(output.request_id) if output.logits is not None else None
+        sampled = sampler.draw(output.logits) if sampler is not None else None
+        drawn.append(output if sampled is None else StageOutput(output.request_id, sampled=sampled))
+    return drawn
+
+
 @runtime_checkable
 class EmbeddingEngine(Protocol):
     """Optionally implemented by whole-model engines whose backend declares ``embeddings``."""

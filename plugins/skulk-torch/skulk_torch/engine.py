@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,11 +27,13 @@ from skulk_core import (
     EngineThread,
     ModelCard,
     RequestError,
+    Sampler,
     SequenceChunk,
     ShardRange,
     StageOutput,
     Tensor,
     compute_thread,
+    draw_outputs,
 )
 
 from skulk_torch.graphs import DecodeSlots
@@ -97,6 +99,14 @@ class TorchEngine:
             return []
         self._open_model()  # a closed engine says so
         return await self._thread.run(self._step, list(batch))
+
+    async def step_and_draw(self, batch: Sequence[SequenceChunk], samplers: Mapping[str, Sampler]) -> list[StageOutput]:
+        """:meth:`step`, drawing the next token of requests in ``samplers`` on the same thread right
+        after it (:class:`skulk_core.DrawingEngine`), not on the event loop."""
+        if not batch:
+            return []
+        self._open_model()
+        return await self._thread.run(lambda: draw_outputs(self._step(list(batch)), samplers))
 
     def step_blocking(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]:
         """:meth:`step` for a caller on a thread of its own (a direct stage link's): the same step,

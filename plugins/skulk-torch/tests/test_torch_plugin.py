@@ -569,6 +569,35 @@ def test_step_blocking_is_the_same_step_from_a_plain_thread(tmp_path: Path) -> N
         stages[1].step_blocking([SequenceChunk("c", 0, hidden=hidden.hidden)])
 
 
+def test_step_and_draw_draws_on_the_compute_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole-model torch engine is a DrawingEngine: a request with a sampler gets the token drawn
+    from its logits on the compute thread; one without gets its logits."""
+    import threading
+
+    from skulk_core import DrawingEngine, Sampler, SamplingParams
+
+    path = write_gguf(make_tiny("llama", n_layers=2), tmp_path / "tiny.gguf")
+    whole = _load(path)
+    drawn_on: list[str] = []
+    draw = Sampler.draw
+
+    def spy(self: Sampler, logits: np.ndarray) -> object:
+        drawn_on.append(threading.current_thread().name)
+        return draw(self, logits)
+
+    monkeypatch.setattr(Sampler, "draw", spy)
+    try:
+        assert isinstance(whole, DrawingEngine)
+        batch = [SequenceChunk("drawn", 0, TOKENS[:4]), SequenceChunk("plain", 0, TOKENS[:4])]
+        drawn, plain = anyio.run(whole.step_and_draw, batch, {"drawn": Sampler(SamplingParams(temperature=0.0))})
+        assert drawn.sampled is not None and drawn.logits is None and plain.logits is not None
+        assert drawn.sampled.token_id == int(np.argmax(plain.logits))
+        assert drawn_on == ["skulk compute"]
+        assert anyio.run(whole.step_and_draw, [], {}) == []
+    finally:
+        anyio.run(whole.close)
+
+
 def test_int8_refuses_what_it_cannot_run(tmp_path: Path) -> None:
     import torch
 
