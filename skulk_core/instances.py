@@ -125,7 +125,8 @@ class DistributedChain:
         self.record = stage.instance
         self.stages = self.record.placement.stages
         self._sampled_remotely: set[str] = set()  # requests whose last stage holds their sampler
-        self._draws_here: bool | None = None  # one stage, whose engine draws tokens on its thread
+        # One stage, whose engine draws each token on its own thread (skulk_core.DrawingEngine).
+        self._draws_here = len(self.stages) == 1 and isinstance(stage.engine, DrawingEngine)
 
     @property
     def head(self) -> Engine:
@@ -138,8 +139,6 @@ class DistributedChain:
 
     async def step(self, batch: Sequence[SequenceChunk], samplers: Mapping[str, Sampler] | None = None) -> list[StageOutput]:
         head = self.head
-        if self._draws_here is None:
-            self._draws_here = len(self.stages) == 1 and isinstance(head, DrawingEngine)
         async with self.stage.lock:
             if self._draws_here and samplers:
                 return await head.step_and_draw(batch, samplers)  # type: ignore[attr-defined]
@@ -489,8 +488,7 @@ class Instances:
                 if local.engine is None:
                     return
                 try:
-                    async with local.lock:
-                        outputs = await local.engine.step(forward.chunks)
+                    outputs = await self._step_locked(local, local.engine, forward.chunks)
                 except Exception as exc:
                     log.exception("stage %d of %s failed a step", local.index, local.instance.model_id)
                     await cluster.send_to(forward.origin, StageResult(local.instance_id, forward.step_id, error=str(exc)))
@@ -547,24 +545,18 @@ class Instances:
         async with local.lock:
             return await engine.step(chunks)
 
-    def _pass_on(self, local: LocalStage, node_id: str, msg: object) -> bool:
-        """From a link's thread: send ``msg`` to ``node_id``, on the direct link if it goes to the
-        next stage's node and one is open (else one starts opening, for the next steps), else on
-        the transport. False if neither got it."""
-        if self.links is not None and node_id == local.next_node_id:
-            link = local.outbound
-            if (link is None or link.closed) and not local.link_opening and time.monotonic() >= local.link_retry_at:
-                try:  # starts opening one, for the next steps
-                    anyio.from_thread.run_sync(self._link_to_next, local, token=self._token)
-                except RuntimeError:  # the event loop is gone: the node is stopping
-                    pass
-            if link is not None and not link.closed:
-                try:
-                    link.send(msg)
-                    return True
-                except TransportError as exc:
-                    log.info("%s; stage %d of %s sends on the transport", exc, local.index, local.instance.model_id)
-        return bool(self._in_loop(self.node.cluster.send_to, node_id, msg))
+    def _pass_on(self, local: LocalStage, node_id: str, msg: StageForward | StageResult) -> bool:
+        """From a link's thread: :meth:`send_step`, with the open direct link written from this
+        thread; anything else (no link or a broken one, another node) goes through the event loop,
+        where ``send_step`` opens a link for the next steps and sends this one on the transport."""
+        link = local.outbound if node_id == local.next_node_id else None
+        if link is not None and not link.closed:
+            try:
+                link.send(msg)
+                return True
+            except TransportError as exc:
+                log.info("%s; stage %d of %s sends on the transport", exc, local.index, local.instance.model_id)
+        return bool(self._in_loop(self.send_step, local, node_id, msg))
 
     def _in_loop(self, func: Any, *args: Any) -> Any:
         """From a link's thread: run ``await func(*args)`` in the node's event loop and return its

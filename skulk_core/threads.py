@@ -109,13 +109,11 @@ class EngineThread:
         if self._closed:
             return
         with anyio.CancelScope(shield=True):
-            if self.shared:
-                await self.run(func)
-                return
             try:
                 await self.run(func)
             finally:
-                self.close()
+                if not self.shared:
+                    self.close()
 
     def close(self) -> None:
         """Let the thread end once the calls already queued have run (never blocks)."""
