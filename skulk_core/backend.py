@@ -19,6 +19,7 @@ from attrs import field, frozen
 from skulk_core.model import ModelCard, ModelFiles
 from skulk_core.placement import BackendSite, ShardRange
 from skulk_core.tensor import Tensor
+from skulk_core.threads import EngineThread
 
 S = TypeVar("S")  # a backend's settings class
 
@@ -161,9 +162,22 @@ class BlockingStepEngine(Protocol):
     this way from the thread that read the step, so the event loop is not on a pipeline hop. It
     must run the step where ``step`` runs it, in order with the engine's other calls (on an
     :class:`skulk_core.EngineThread`: ``thread.call(...)``). Engines without it are stepped through
-    the event loop."""
+    the event loop.
+
+    Such an engine may also name that thread as ``step_thread`` (an ``EngineThread``; see
+    :func:`step_thread`). The core then does a hop's own work there as well, right after the step
+    and before anything else is queued: a pipeline stage's activations are encoded and written to
+    the next stage's link, and the last stage samples, without waiting for another thread to wake
+    (``thread.call`` from the thread itself runs the call at once)."""
 
     def step_blocking(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]: ...
+
+
+def step_thread(engine: object) -> EngineThread | None:
+    """The :class:`skulk_core.EngineThread` a :class:`BlockingStepEngine` steps on, where it names it
+    (``step_thread``); None otherwise."""
+    thread = getattr(engine, "step_thread", None)
+    return thread if isinstance(thread, EngineThread) and isinstance(engine, BlockingStepEngine) else None
 
 
 @runtime_checkable

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from attrs import define, evolve, field
 
-from skulk_core.backend import BlockingStepEngine, DrawingEngine, Engine, EngineOptions, SequenceChunk, StageOutput, Tokenizer
+from skulk_core.backend import BlockingStepEngine, DrawingEngine, Engine, EngineOptions, SequenceChunk, StageOutput, Tokenizer, step_thread
 from skulk_core.cluster.messages import (
     Command,
     CommandReply,
@@ -139,24 +139,34 @@ class DistributedChain:
 
     async def step(self, batch: Sequence[SequenceChunk], samplers: Mapping[str, Sampler] | None = None) -> list[StageOutput]:
         head = self.head
-        async with self.stage.lock:
-            if self._draws_here and samplers:
-                return await head.step_and_draw(batch, samplers)  # type: ignore[attr-defined]
-            outputs = await head.step(batch)
         if len(self.stages) == 1:
-            return outputs
-        chunks = tuple(evolve(chunk, tokens=None, hidden=out.hidden) for chunk, out in zip(batch, outputs))
+            async with self.stage.lock:
+                if self._draws_here and samplers:
+                    return await head.step_and_draw(batch, samplers)  # type: ignore[attr-defined]
+                return await head.step(batch)
         step_id = uuid.uuid4().hex
         pending = _PendingStep(frozenset(s.node_id for s in self.stages[1:]))
-        self.instances.pending[step_id] = pending
+        if any(not self.instances.node.cluster.is_alive(n) for n in pending.nodes):
+            raise TransportError("a stage's node is gone")
+        started = self._remote_samplers(batch, samplers or {})
+        forward = StageForward(self.record.instance_id, step_id, self.instances.node.node_id, 0, batch, started)
+        self.instances.pending[step_id] = pending  # before the step: its result may come back first
         try:
-            forward = StageForward(
-                self.record.instance_id, step_id, self.instances.node.node_id, 1, chunks, self._remote_samplers(batch, samplers or {})
-            )
-            if any(not self.instances.node.cluster.is_alive(n) for n in pending.nodes):
-                raise TransportError("a stage's node is gone")
-            if not await self.instances.send_step(self.stage, self.stages[1].node_id, forward):
-                raise TransportError(f"cannot reach stage 1 on {self.stages[1].node_id}")
+            try:
+                async with self.stage.lock:
+                    # With a link open to stage 1, the step goes on from the engine's thread at once.
+                    thread = step_thread(head) if self.instances._link_to_next(self.stage) is not None else None
+                    if thread is not None:
+                        sent = await thread.run(self._step_and_pass_on, forward)
+                    else:
+                        outputs = await head.step(batch)
+                if thread is None:
+                    sent = await self.instances.send_step(self.stage, self.stages[1].node_id, _forward(forward, 1, batch, outputs))
+                if not sent:
+                    raise TransportError(f"cannot reach stage 1 on {self.stages[1].node_id}")
+            except BaseException:
+                self._sampled_remotely.difference_update(spec.request_id for spec in started)  # never got there
+                raise
             with anyio.fail_after(STEP_TIMEOUT):
                 await pending.done.wait()
         except TimeoutError:
@@ -169,6 +179,11 @@ class DistributedChain:
         if pending.result.error is not None:
             raise BackendError(f"a stage of {self.record.model_id} failed: {pending.result.error}")
         return [_stage_output(o) for o in pending.result.outputs]
+
+    def _step_and_pass_on(self, step: StageForward) -> bool:
+        """On the head engine's thread: the step, and its activations on to stage 1 at once."""
+        outputs = self.head.step_blocking(step.chunks)  # type: ignore[attr-defined]
+        return self.instances._pass_on(self.stage, self.stages[1].node_id, _forward(step, 1, step.chunks, outputs))
 
     def _remote_samplers(self, batch: Sequence[SequenceChunk], samplers: Mapping[str, Sampler]) -> tuple[RemoteSampling, ...]:
         """Samplers to start at the last stage: those of requests new to this pipeline. A request
@@ -190,6 +205,12 @@ class DistributedChain:
 
     async def close(self) -> None:
         pass  # the engine belongs to the LocalStage, closed when the stage is unloaded
+
+
+def _forward(step: StageForward, stage_index: int, batch: Sequence[SequenceChunk], outputs: Sequence[StageOutput]) -> StageForward:
+    """``step`` for stage ``stage_index``: ``batch``'s chunks with the activations in ``outputs``."""
+    chunks = tuple(evolve(chunk, tokens=None, hidden=out.hidden) for chunk, out in zip(batch, outputs))
+    return StageForward(step.instance_id, step.step_id, step.origin, stage_index, chunks, step.samplers)
 
 
 def _stage_output(output: WireOutput) -> StageOutput:
@@ -498,8 +519,9 @@ class Instances:
                     await cluster.send_to(forward.origin, self._unreachable(local, forward))
 
     def _run_forward(self, local: LocalStage, forward: StageForward) -> None:
-        """:meth:`_stage_worker`'s step, for a step that came on a direct link: on the link's
-        thread, blocking, and passed on by the next link where there is one."""
+        """:meth:`_stage_worker`'s step, for a step that came on a direct link: on the engine's
+        :func:`~skulk_core.backend.step_thread` where it has one, else on the link's thread,
+        blocking; passed on by the next link where there is one."""
         try:
             outputs = self._step_blocking(local, forward.chunks)
         except Exception as exc:
@@ -516,8 +538,7 @@ class Instances:
         record = local.instance
         stages = record.placement.stages
         if local.index + 1 < len(stages):
-            chunks = tuple(evolve(c, tokens=None, hidden=o.hidden) for c, o in zip(forward.chunks, outputs))
-            return stages[local.index + 1].node_id, StageForward(record.instance_id, forward.step_id, forward.origin, local.index + 1, chunks, forward.samplers)
+            return stages[local.index + 1].node_id, _forward(forward, local.index + 1, forward.chunks, outputs)
         try:
             wire = tuple(self._last_stage_output(local, forward, o) for o in outputs)
         except Exception as exc:  # a sampler refused (its parameters were checked at the head)
@@ -718,7 +739,7 @@ class Instances:
 
     def _on_link(self, target: LinkTarget, sock: socket.socket) -> None:
         """An inbound link's thread, until the link ends: results for a pipeline this node heads
-        (handed to the event loop), or steps for a stage it runs (stepped here, passed on)."""
+        (handed to the event loop), or steps for a stage it runs (stepped and passed on by :meth:`_run_forward`)."""
         try:
             while (msg := receive(sock)) is not None:
                 if target.stage_index == 0 and isinstance(msg, StageResult) and msg.instance_id == target.instance_id:
@@ -729,7 +750,11 @@ class Instances:
                     local = self.stages.get(target.instance_id)
                     if local is None or local.index != target.stage_index:
                         return  # unloaded
-                    self._run_forward(local, msg)
+                    thread = step_thread(local.engine)
+                    if thread is None:
+                        self._run_forward(local, msg)
+                    else:  # stepped and passed on there; this thread reads the next step meanwhile
+                        thread.submit(self._run_forward, local, msg)
                     continue
                 log.warning("closing the direct link from %s: it sent %s, not a step of stage %d", target.peer_id, type(msg).__name__, target.stage_index)
                 return

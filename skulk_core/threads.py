@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from typing import Any, TypeVar
 import anyio
 
 T = TypeVar("T")
+
+log = logging.getLogger("skulk.threads")
 
 _STOP = object()
 
@@ -87,6 +90,12 @@ class EngineThread:
         self._put((func, args, None, future))
         return future.result()
 
+    def submit(self, func: Callable[..., object], *args: Any) -> None:
+        """From any thread: run ``func(*args)`` on this thread after the calls already queued, and
+        return at once. Nobody waits for it, so ``func`` handles its own errors (one that escapes is
+        logged, and the thread goes on). Raises RuntimeError once the thread is closed."""
+        self._put((func, args, None, None))
+
     def _put(self, item: tuple[Any, ...]) -> None:
         # Locked: the event loop and a stage link's thread may both be first, or one may close the
         # thread while the other queues a call, which must then fail, not wait behind the stop.
@@ -136,10 +145,14 @@ class EngineThread:
             func, args, loop, future = item
             try:
                 result = func(*args)
-            except BaseException as exc:  # handed to the caller, raised there
-                _deliver(loop, future, None, exc)
+            except BaseException as exc:
+                if future is None:  # submitted: nobody to raise it to
+                    log.exception("%s: a submitted call failed", self.name)
+                else:  # handed to the caller, raised there
+                    _deliver(loop, future, None, exc)
             else:
-                _deliver(loop, future, result, None)
+                if future is not None:
+                    _deliver(loop, future, result, None)
 
 
 def _deliver(loop: asyncio.AbstractEventLoop | None, future: Any, result: Any, exc: BaseException | None) -> None:

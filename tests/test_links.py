@@ -5,6 +5,7 @@ thread without interleaving."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
@@ -231,31 +232,47 @@ def test_a_link_to_nothing_fails_clearly() -> None:
         connect(f"127.0.0.1:{port}", b"t" * links.TOKEN_BYTES, timeout=2)
 
 
-def test_a_cut_link_falls_back_to_the_transport_then_opens_again(tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """Two nodes in this process, a tiny model split over both: its steps go on direct links; when
-    both links are cut under them (a network fault), the steps in flight go on the transport, the
-    greedy tokens stay the same, and new links open."""
+class LinkedPipeline:
+    """Two nodes in this process (threads), a tiny torch model split over both, a stage each."""
+
+    def __init__(self, head, other, instance_id: str, model_id: str) -> None:
+        self.head, self.other, self.instance_id, self.model_id = head, other, instance_id, model_id
+
+    @property
+    def stages(self) -> list:
+        return [self.head.instances.stages[self.instance_id], self.other.instances.stages[self.instance_id]]
+
+    def greedy(self, max_tokens: int = 8) -> list[int]:
+        from skulk_core.inference import GenerationRequest
+        from skulk_core.sampling import SamplingParams
+
+        request = GenerationRequest(self.model_id, (1, 2, 3, 4, 5), SamplingParams(temperature=0.0), max_tokens=max_tokens, ignore_eos=True)
+
+        async def run() -> list[int]:
+            tokens: list[int] = []
+            async for chunk in self.head.models.generate(request):
+                tokens += [t.token_id for t in chunk.tokens]
+            return tokens
+
+        return self.head.portal.call(run)
+
+
+def wait(predicate, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def linked_pipeline(tmp_path):
     pytest.importorskip("skulk_tcp", reason="the TCP transport plugin is not installed")
     pytest.importorskip("skulk_torch", reason="the torch backend plugin is not installed")
-    from contextlib import ExitStack
-
-    from skulk_core import instances as instances_module
-    from skulk_core.inference import GenerationRequest
-    from skulk_core.sampling import SamplingParams
     from skulk_core.testing import start_node_in_thread, write_synthetic_gguf
 
-    monkeypatch.setattr(instances_module, "LINK_RETRY", 0.0)  # try a new link at the next step
-    caplog.set_level(logging.INFO, logger="skulk.instances")
     model = write_synthetic_gguf(tmp_path / "tiny-linked.gguf", n_layers=4)
     sections: dict = {"cluster": {"key": "links-test", "heartbeat_interval": 0.2}, "serve": {"threads": 1}}
-
-    def wait(predicate, what: str) -> None:
-        deadline = time.monotonic() + 30
-        while not predicate():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.05)
-
-    with ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         first = start_node_in_thread(stack, tmp_path / "a", plugins=["tcp", "torch"], sections=sections)
         wait(lambda: bool(first.cluster.addresses), "the first node's transport")
         peers = {**sections, "cluster": {**sections["cluster"], "peers": list(first.cluster.addresses)}}
@@ -265,30 +282,59 @@ def test_a_cut_link_falls_back_to_the_transport_then_opens_again(tmp_path, monke
         instance_id = first.portal.call(lambda: first.instances.place(str(model), backend="torch", min_nodes=2))
         wait(lambda: any(instance_id in n.instances.heads for n in nodes), "the pipeline's head")
         head = next(n for n in nodes if instance_id in n.instances.heads)
-        other = second if head is first else first
+        yield LinkedPipeline(head, second if head is first else first, instance_id, "tiny-linked")
 
-        def greedy() -> list[int]:
-            request = GenerationRequest("tiny-linked", (1, 2, 3, 4, 5), SamplingParams(temperature=0.0), max_tokens=8, ignore_eos=True)
 
-            async def run() -> list[int]:
-                tokens: list[int] = []
-                async for chunk in head.models.generate(request):
-                    tokens += [t.token_id for t in chunk.tokens]
-                return tokens
+def test_a_cut_link_falls_back_to_the_transport_then_opens_again(tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Two nodes in this process, a tiny model split over both: its steps go on direct links; when
+    both links are cut under them (a network fault), the steps in flight go on the transport, the
+    greedy tokens stay the same, and new links open."""
+    from skulk_core import instances as instances_module
 
-            return head.portal.call(run)
-
-        expected = greedy()
+    monkeypatch.setattr(instances_module, "LINK_RETRY", 0.0)  # try a new link at the next step
+    caplog.set_level(logging.INFO, logger="skulk.instances")
+    with linked_pipeline(tmp_path) as pipeline:
+        expected = pipeline.greedy()
         assert len(expected) == 8
-        stages = [head.instances.stages[instance_id], other.instances.stages[instance_id]]
+        stages = pipeline.stages
         cut = [stage.outbound for stage in stages]
         assert all(link is not None and not link.closed for link in cut)  # head -> stage 1, stage 1 -> head
         for link in cut:
             link.sock.shutdown(socket.SHUT_RDWR)  # the links do not know yet
-        assert greedy() == expected
+        assert pipeline.greedy() == expected
         assert all(link.closed for link in cut)
         # new links open in the background (steps never wait for one)
         wait(lambda: all(s.outbound is not None and s.outbound not in cut and not s.outbound.closed for s in stages), "new links")
-        assert greedy() == expected
+        assert pipeline.greedy() == expected
     assert "stage 0 of tiny-linked sends on the transport" in caplog.text
     assert "stage 1 of tiny-linked sends on the transport" in caplog.text
+
+
+def test_a_step_goes_on_from_the_compute_thread_right_after_it(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With links open, each stage's step is written to the next stage's link by the thread that
+    computed it (the process's compute thread, which the torch engine names as its step_thread),
+    at the head and at the last stage, which samples there too: no other thread wakes on a hop."""
+    from skulk_core.cluster.messages import StageForward, StageResult
+    from skulk_core.links import Link
+
+    writes: list[tuple[str, str]] = []
+    send = Link.send
+
+    def recording_send(self: Link, message: object) -> None:
+        writes.append((type(message).__name__, threading.current_thread().name))
+        send(self, message)
+
+    def loop_send(self: Link, message: object) -> None:
+        raise AssertionError("a step went to an open link from the event loop")
+
+    with linked_pipeline(tmp_path) as pipeline:
+        expected = pipeline.greedy()  # the links open meanwhile
+        wait(lambda: all(s.outbound is not None and not s.outbound.closed for s in pipeline.stages), "both links")
+        assert all(s.engine.step_thread.name == "skulk compute" for s in pipeline.stages)
+        monkeypatch.setattr(Link, "send", recording_send)
+        monkeypatch.setattr(Link, "send_now", loop_send)
+        assert pipeline.greedy() == expected
+    forwards = [thread for kind, thread in writes if kind == StageForward.__name__]
+    results = [thread for kind, thread in writes if kind == StageResult.__name__]
+    assert len(forwards) == len(results) == 8  # the prompt's step, then one a token but the last
+    assert set(forwards) == set(results) == {"skulk compute"}

@@ -199,3 +199,31 @@ def test_call_runs_on_the_thread_from_another_thread_in_order_with_run():
     with pytest.raises(RuntimeError, match="closed"):
         worker.call(record, "late")
     worker.join(5)
+
+
+def test_submit_returns_at_once_and_runs_in_order_and_a_failure_is_logged(caplog: pytest.LogCaptureFixture):
+    """submit() is call() without the wait (a stage link's thread hands a step over and reads the
+    next): queued in order with the other calls; nobody gets its exception, so it is logged and the
+    thread goes on."""
+    worker = EngineThread("engine test")
+    gate = threading.Event()
+    seen: list[tuple[str, str]] = []
+
+    def record(tag: str) -> None:
+        seen.append((tag, threading.current_thread().name))
+
+    def fail() -> None:
+        raise ValueError("from a submitted call")
+
+    worker.submit(gate.wait, 5)
+    worker.submit(record, "first")
+    worker.submit(fail)
+    worker.submit(record, "second")
+    assert seen == []  # nothing waited: the thread is still held at the gate
+    gate.set()
+    assert worker.call(record, "called") is None
+    assert seen == [("first", "engine test"), ("second", "engine test"), ("called", "engine test")]
+    assert "engine test: a submitted call failed" in caplog.text and "from a submitted call" in caplog.text
+    worker.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        worker.submit(record, "late")

@@ -108,6 +108,12 @@ class TorchEngine:
         self._open_model()
         return await self._thread.run(lambda: draw_outputs(self._step(list(batch)), samplers))
 
+    @property
+    def step_thread(self) -> EngineThread:
+        """The thread every step runs on (:class:`skulk_core.BlockingStepEngine`): the core passes a
+        pipeline step on from it, right after the step."""
+        return self._thread
+
     def step_blocking(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]:
         """:meth:`step` for a caller on a thread of its own (a direct stage link's): the same step,
         on the same thread, in order with every other call; blocks until it is done."""
