@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
@@ -567,21 +568,47 @@ class Instances:
             return await engine.step(chunks)
 
     def _pass_on(self, local: LocalStage, node_id: str, msg: StageForward | StageResult) -> bool:
-        """From a link's thread: :meth:`send_step`, with the open direct link written from this
-        thread; anything else (no link or a broken one, another node) goes through the event loop,
-        where ``send_step`` opens a link for the next steps and sends this one on the transport."""
+        """From a thread that is not the event loop's (the one that computed the step, or a link's):
+        :meth:`send_step`, with the open direct link written from this thread; anything else (no
+        link or a broken one, another node) goes through the event loop, where ``send_step`` opens
+        a link for the next steps and sends this one on the transport.
+
+        Writing to the link never blocks this thread, which may be the compute thread every engine
+        of the process shares: what the socket's buffer cannot take at once (a long prefill, or a
+        next node that stopped reading) is sent by a thread of its own."""
         link = local.outbound if node_id == local.next_node_id else None
         if link is not None and not link.closed:
             try:
-                link.send(msg)
-                return True
+                rest = link.send_now(msg)
             except TransportError as exc:
                 log.info("%s; stage %d of %s sends on the transport", exc, local.index, local.instance.model_id)
+            else:
+                if rest is not None:
+                    threading.Thread(target=self._send_rest, args=(local, node_id, msg, rest), name="skulk link send", daemon=True).start()
+                return True
         return bool(self._in_loop(self.send_step, local, node_id, msg))
 
+    def _send_rest(self, local: LocalStage, node_id: str, msg: StageForward | StageResult, rest: Callable[[], None]) -> None:
+        """:meth:`_pass_on`'s thread for the rest of a frame: on the transport if the link breaks
+        meanwhile; if that fails too, the head learns that the step cannot go on."""
+        try:
+            rest()
+            return
+        except TransportError as exc:
+            log.info("%s; stage %d of %s sends on the transport", exc, local.index, local.instance.model_id)
+        if self._in_loop(self.send_step, local, node_id, msg) or not isinstance(msg, StageForward):
+            return
+        if msg.origin != self.node.node_id:
+            self._in_loop(self.send_step, local, msg.origin, self._unreachable(local, msg))
+        elif self._loop is not None:  # this node heads the pipeline: its step waits here
+            try:
+                self._loop.call_soon_threadsafe(self._lose_step, msg.step_id, f"cannot reach stage 1 on {node_id}")
+            except RuntimeError:  # the event loop is gone: the node is stopping
+                pass
+
     def _in_loop(self, func: Any, *args: Any) -> Any:
-        """From a link's thread: run ``await func(*args)`` in the node's event loop and return its
-        result; None once the event loop is gone."""
+        """From a thread that is not the event loop's: run ``await func(*args)`` in the node's event
+        loop and return its result; None once the event loop is gone."""
         try:
             return anyio.from_thread.run(func, *args, token=self._token)
         except RuntimeError:  # the event loop is gone: the node is stopping
@@ -613,6 +640,13 @@ class Instances:
 
     async def _on_stage_result(self, peer_id: str, result: StageResult) -> None:
         self._take_result(result)
+
+    def _lose_step(self, step_id: str, error: str) -> None:
+        """A step of a pipeline this node heads will not come back (raised as TransportError)."""
+        pending = self.pending.get(step_id)
+        if pending is not None and not pending.done.is_set():
+            pending.error = error
+            pending.done.set()
 
     def _take_result(self, result: StageResult) -> None:
         pending = self.pending.get(result.step_id)

@@ -318,23 +318,52 @@ def test_a_step_goes_on_from_the_compute_thread_right_after_it(tmp_path, monkeyp
     from skulk_core.links import Link
 
     writes: list[tuple[str, str]] = []
-    send = Link.send
+    send_now = Link.send_now
 
-    def recording_send(self: Link, message: object) -> None:
+    def recording_send_now(self: Link, message: object):
         writes.append((type(message).__name__, threading.current_thread().name))
-        send(self, message)
-
-    def loop_send(self: Link, message: object) -> None:
-        raise AssertionError("a step went to an open link from the event loop")
+        return send_now(self, message)
 
     with linked_pipeline(tmp_path) as pipeline:
         expected = pipeline.greedy()  # the links open meanwhile
         wait(lambda: all(s.outbound is not None and not s.outbound.closed for s in pipeline.stages), "both links")
         assert all(s.engine.step_thread.name == "skulk compute" for s in pipeline.stages)
-        monkeypatch.setattr(Link, "send", recording_send)
-        monkeypatch.setattr(Link, "send_now", loop_send)
+        monkeypatch.setattr(Link, "send_now", recording_send_now)
+        monkeypatch.setattr(Link, "send", lambda self, message: pytest.fail("a blocking write of a step"))
         assert pipeline.greedy() == expected
     forwards = [thread for kind, thread in writes if kind == StageForward.__name__]
     results = [thread for kind, thread in writes if kind == StageResult.__name__]
     assert len(forwards) == len(results) == 8  # the prompt's step, then one a token but the last
     assert set(forwards) == set(results) == {"skulk compute"}
+
+
+def test_a_frame_the_socket_cannot_take_at_once_never_blocks_the_compute_thread(tmp_path) -> None:
+    """A stage passes its step on from the compute thread every engine of its process shares, so a
+    frame the socket's buffer cannot take (a long prefill, a next node that stopped reading) is
+    finished by a thread of its own: the compute thread goes on at once, and the frame arrives whole."""
+    from skulk_core.links import Link
+
+    with linked_pipeline(tmp_path) as pipeline:
+        pipeline.greedy(2)
+        wait(lambda: all(s.outbound is not None and not s.outbound.closed for s in pipeline.stages), "both links")
+        stage = pipeline.stages[1]
+        ours, theirs = socket.socketpair()
+        theirs.settimeout(10)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        kept, stage.outbound = stage.outbound, Link(ours, "a test socket nobody reads yet")
+        try:
+            big = forward("big", rows=2000)  # 4.6 MB
+            passed: list[bool] = []
+            caller = threading.Thread(target=lambda: passed.append(pipeline.other.instances._pass_on(stage, stage.next_node_id, big)))
+            caller.start()
+            caller.join(2.0)
+            assert passed == [True]  # returned although nobody has read a byte yet
+            assert any(t.name == "skulk link send" for t in threading.enumerate())
+            assert receive(theirs) == big
+            wait(lambda: not any(t.name == "skulk link send" for t in threading.enumerate()), "the sending thread to end")
+        finally:
+            stage.outbound.close()
+            theirs.close()
+            stage.outbound = kept
+        assert len(pipeline.greedy(2)) == 2
