@@ -21,7 +21,8 @@ stage limited to one thread (``SKULK_SERVE_THREADS=1``). Every process is stoppe
 on an error or Ctrl-C.
 
 To say where the time goes, the script also computes each placement's layer ranges alone, chained
-in one process with one thread and no transport (the "breakdown"), and counts the CPU each node
+in one process with one thread and no transport (the "breakdown"; for latency, once more with each
+stage sleeping first as long as the others compute, as a pipeline's stage sits idle), and counts the CPU each node
 process, and every other process on the machine, used during each measurement. For the aggregate it
 also runs the 2-stage placement's stages at the same time, a process each, as they run when the
 pipeline is full: on one machine the stages share its memory bandwidth, which a pipeline over
@@ -506,7 +507,8 @@ def stage_child(jobs: list[dict[str, Any]], steps: int, rounds: int) -> list[dic
     tokenizer = engines[tuple(jobs[0]["layers"][0])].tokenizer
     prompt = tuple(tokenizer.encode(render_chat(card.chat_template, [{"role": "user", "content": PROMPT}]), add_special=False, parse_special=True))
 
-    async def run(job: dict[str, Any], round_: int) -> list[float]:
+    async def run(job: dict[str, Any], round_: int, idle_ms: Sequence[float] | None = None) -> list[float]:
+        """The median step of each stage; with ``idle_ms``, each stage first sleeps that long."""
         chain = [engines[tuple(r)] for r in job["layers"]]
         ids = [f"r{round_}-{i}" for i in range(job["batch"])]
         times: list[list[float]] = [[] for _ in chain]
@@ -514,6 +516,8 @@ def stage_child(jobs: list[dict[str, Any]], steps: int, rounds: int) -> list[dic
         async def through(batch: list[SequenceChunk], timed: bool) -> list[Any]:
             outputs: list[Any] = []
             for index, engine in enumerate(chain):
+                if idle_ms and timed:
+                    time.sleep(idle_ms[index] / 1000)  # blocking: nothing else runs meanwhile
                 t = time.perf_counter()
                 outputs = await engine.step(batch)
                 if timed:
@@ -536,6 +540,16 @@ def stage_child(jobs: list[dict[str, Any]], steps: int, rounds: int) -> list[dic
             measured = anyio.run(run, job, round_)
             if sum(measured) < sum(result["stage_ms"]):
                 result["stage_ms"] = measured
+    # A pipeline's stage sits idle while the others compute. Each stage again, after sleeping as
+    # long as the other stages' steps take: what idling alone costs it, with no other work around.
+    for round_ in range(rounds):
+        for job, result in zip(jobs, results):
+            if job["batch"] != 1 or len(job["layers"]) < 2:
+                continue
+            busy = result["stage_ms"]
+            measured = anyio.run(run, job, rounds + round_, [sum(busy) - own for own in busy])
+            if sum(measured) < sum(result.get("stage_idle_ms", [math.inf])):
+                result["stage_idle_ms"] = measured
     return results
 
 
@@ -890,6 +904,7 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"  {ways:<8}{layers:<24}{spread(p['per_token_ms']):<20}{1000 / med(p['per_token_ms']):<10.1f}"
                   f"{med(p['ttft_ms']):<4.0f}{'ms':<9}{ratio:<12}{others:<14}")
         alone = {job["stages"]: job["stage_ms"] for job in report.get("stages_alone", ()) if job["batch"] == 1}
+        idle = {job["stages"]: job["stage_idle_ms"] for job in report.get("stages_alone", ()) if "stage_idle_ms" in job}
         if alone:
             print("  breakdown: the same stages computed alone, one process, 1 thread, no transport; the rest is the difference")
             rest1 = med(placed[1]["per_token_ms"]) - sum(alone[1]) if 1 in alone and placed.get(1) else None
@@ -899,6 +914,9 @@ def print_table(report: dict[str, Any]) -> None:
                     hops = f"; {(rest - rest1) / ways:+.1f} ms a message hop against 1 stage ({ways} hops)" if rest1 is not None and ways > 1 else ""
                     print(f"  {ways:<8}compute {' + '.join(f'{t:.1f}' for t in alone[ways])} = {sum(alone[ways]):.1f} ms, "
                           f"rest {rest:.1f} ms (HTTP, scheduler, transport, contention){hops}")
+                    if ways in idle:
+                        print(f"  {'':<8}each stage after sleeping while the others compute: {' + '.join(f'{t:.1f}' for t in idle[ways])} "
+                              f"= {sum(idle[ways]):.1f} ms ({sum(idle[ways]) - sum(alone[ways]):+.1f} ms for having sat idle)")
         print("  extra: through a node that is not the head (the data plane forwards every chunk)")
         for ways, p in sorted(placed.items()):
             if p["per_token_other_ms"]:
