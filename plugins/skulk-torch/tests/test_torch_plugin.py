@@ -935,3 +935,36 @@ def test_a_stale_gpu_reading_is_refreshed_off_the_callers_thread(fake_nvidia_smi
     while backend_module._gpu_memory[1] == {0: 1} and time.monotonic() < deadline:  # type: ignore[index]
         time.sleep(0.01)
     assert backend_module.gpu_free_memory() == {0: 1000 * 2**20, 1: 2000 * 2**20}
+
+
+HUGE_PAGES_CHILD = r"""
+import os, sys
+import anyio
+import skulk_torch  # before torch, as a node imports it
+from skulk_core import EngineOptions, ModelCard, ModelFiles, ShardRange, default_model_path
+from skulk_torch import TorchBackend
+path = default_model_path()
+card = ModelCard.from_gguf(path)
+engine = anyio.run(TorchBackend().load, card, ModelFiles(card.id, "gguf", path), ShardRange(24, 30, 30), EngineOptions(context_length=256, max_sequences=1, threads=1))
+huge = next(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages:"))
+print(os.environ["THP_MEM_ALLOC_ENABLE"], huge)
+"""
+
+
+@pytest.mark.parametrize("asked", [None, "0"])
+def test_the_weights_sit_in_huge_pages_unless_the_environment_says_no(asked: str | None) -> None:
+    """Importing skulk_torch turns on torch's huge-page allocation before torch is imported (a
+    decode step then walks fewer page tables); THP_MEM_ALLOC_ENABLE set by the user wins."""
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.exists() or "[never]" in mode.read_text():
+        pytest.skip("this kernel has no transparent huge pages")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if asked is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = asked
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGES_CHILD], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    setting, huge_kib = out.stdout.split()
+    if asked is None:
+        assert setting == "1" and int(huge_kib) >= 16 * 1024  # the stage's ~40 MB of MLP matrices and its head, at least
+    elif "[madvise]" in mode.read_text():
+        assert setting == "0" and int(huge_kib) == 0
