@@ -9,7 +9,7 @@ import os
 # this is set, which it reads once, at its first allocation: so here, before anything of this
 # package imports torch. A decode step streams the stage's weights once, and with 4 KiB pages it
 # also walks their page tables: on the project's 2-core VM (THP in ``madvise`` mode) every
-# placement of the default model stepped 2-5 % faster. A value the environment sets is kept.
+# placement of the default model ran 2-3 % faster a token. A value the environment sets is kept.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from skulk_torch.backend import RUNTIME_OVERHEAD_BYTES, TorchBackend  # noqa: E402
