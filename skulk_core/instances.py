@@ -68,6 +68,7 @@ from skulk_core.inference import (
 from skulk_core.model import ModelCard
 from skulk_core.placement import PlacementRequest
 from skulk_core.sampling import SampledToken, Sampler
+from skulk_core.threads import EngineThread
 from skulk_core.tensor import Tensor
 
 if TYPE_CHECKING:
@@ -94,6 +95,8 @@ class LocalStage:
     outbound: Link | None = None  # the direct link to the next stage (the head, after the last one)
     link_retry_at: float = 0.0  # monotonic time before which no new link is tried
     link_opening: bool = False  # a link to the next stage is being opened
+    thread: EngineThread | None = None  # the loaded engine's step_thread (skulk_core.backend.step_thread)
+    blocking: bool = False  # the loaded engine is a BlockingStepEngine (checked once: a Protocol check is slow)
 
     @property
     def instance_id(self) -> str:
@@ -156,7 +159,7 @@ class DistributedChain:
             try:
                 async with self.stage.lock:
                     # With a link open to stage 1, the step goes on from the engine's thread at once.
-                    thread = step_thread(head) if self.instances._link_to_next(self.stage) is not None else None
+                    thread = self.stage.thread if self.instances._link_to_next(self.stage) is not None else None
                     if thread is not None:
                         sent = await thread.run(self._step_and_pass_on, forward)
                     else:
@@ -467,6 +470,7 @@ class Instances:
                 )
                 started = time.monotonic()
                 local.engine = await backend.load(record.card, files, stage.shard, options)
+                local.thread, local.blocking = step_thread(local.engine), isinstance(local.engine, BlockingStepEngine)
                 if local.index == 0 and local.engine.tokenizer is None:
                     raise ModelError(f"the {stage.backend} engine for the first stage of {record.model_id} has no tokenizer")
                 local.status = "ready"
@@ -555,8 +559,8 @@ class Instances:
         engine = local.engine
         if engine is None:
             raise BackendError(f"stage {local.index} of {local.instance.model_id} is unloaded")
-        if isinstance(engine, BlockingStepEngine):
-            return engine.step_blocking(chunks)
+        if local.blocking:
+            return engine.step_blocking(chunks)  # type: ignore[attr-defined]
         outputs = self._in_loop(self._step_locked, local, engine, chunks)
         if outputs is None:
             raise BackendError("the node is stopping")
@@ -784,7 +788,7 @@ class Instances:
                     local = self.stages.get(target.instance_id)
                     if local is None or local.index != target.stage_index:
                         return  # unloaded
-                    thread = step_thread(local.engine)
+                    thread = local.thread
                     if thread is None:
                         self._run_forward(local, msg)
                     else:  # stepped and passed on there; this thread reads the next step meanwhile
