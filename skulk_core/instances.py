@@ -535,7 +535,7 @@ class Instances:
             return
         node_id, msg = self._after_step(local, forward, outputs)
         if not self._pass_on(local, node_id, msg) and isinstance(msg, StageForward):
-            self._pass_on(local, forward.origin, self._unreachable(local, forward))
+            self._report_lost(local, msg)
 
     def _after_step(self, local: LocalStage, forward: StageForward, outputs: Sequence[StageOutput]) -> tuple[str, StageForward | StageResult]:
         """Where a non-head stage's step goes next, and as what: the activations to the next stage,
@@ -585,7 +585,7 @@ class Instances:
             try:
                 rest = link.send_now(msg)
             except TransportError as exc:
-                log.info("%s; stage %d of %s sends on the transport", exc, local.index, local.instance.model_id)
+                self._log_fallback(local, exc)
             else:
                 if rest is not None:
                     threading.Thread(target=self._send_rest, args=(local, node_id, msg, rest), name="skulk link send", daemon=True).start()
@@ -599,16 +599,24 @@ class Instances:
             rest()
             return
         except TransportError as exc:
-            log.info("%s; stage %d of %s sends on the transport", exc, local.index, local.instance.model_id)
-        if self._in_loop(self.send_step, local, node_id, msg) or not isinstance(msg, StageForward):
-            return
-        if msg.origin != self.node.node_id:
-            self._in_loop(self.send_step, local, msg.origin, self._unreachable(local, msg))
+            self._log_fallback(local, exc)
+        if not self._in_loop(self.send_step, local, node_id, msg) and isinstance(msg, StageForward):
+            self._report_lost(local, msg)
+
+    def _report_lost(self, local: LocalStage, step: StageForward) -> None:
+        """From a thread that is not the event loop's: ``step`` went neither on a link nor on the
+        transport, so its head learns that it cannot go on (there, where this node is the head)."""
+        if step.origin != self.node.node_id:
+            self._pass_on(local, step.origin, self._unreachable(local, step))
         elif self._loop is not None:  # this node heads the pipeline: its step waits here
             try:
-                self._loop.call_soon_threadsafe(self._lose_step, msg.step_id, f"cannot reach stage 1 on {node_id}")
+                self._loop.call_soon_threadsafe(self._lose_step, step.step_id, f"cannot reach stage {step.stage_index} on {local.next_node_id}")
             except RuntimeError:  # the event loop is gone: the node is stopping
                 pass
+
+    @staticmethod
+    def _log_fallback(local: LocalStage, exc: TransportError) -> None:
+        log.info("%s; stage %d of %s sends on the transport", exc, local.index, local.instance.model_id)
 
     def _in_loop(self, func: Any, *args: Any) -> Any:
         """From a thread that is not the event loop's: run ``await func(*args)`` in the node's event
@@ -697,7 +705,7 @@ class Instances:
                     await anyio.to_thread.run_sync(rest)
                 return True
             except TransportError as exc:
-                log.info("%s; stage %d of %s sends on the transport", exc, local.index, local.instance.model_id)
+                self._log_fallback(local, exc)
         return await self.node.cluster.send_to(node_id, msg)
 
     def _link_to_next(self, local: LocalStage) -> Link | None:
