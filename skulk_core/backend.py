@@ -191,7 +191,11 @@ class DrawingEngine(Protocol):
     engine need not copy the vocabulary's logits. A token drawn gives ``StageOutput(request_id,
     sampled=token)``; a request without a sampler, or one whose ``draw`` returns None, gets its
     logits as from ``step``. The scheduler then takes the token (:meth:`~skulk_core.Sampler.observe`)
-    on the event loop. The core uses it for an instance of one stage on this node."""
+    on the event loop. The core uses it for an instance of one stage on this node.
+
+    The engine may decode a request's next step ahead, before it is asked for, when the sampler's
+    :attr:`~skulk_core.Sampler.draws_ahead` allows it; a step then asked for differently is undone
+    (its KV cache cut back, :meth:`~skulk_core.Sampler.restore`). See docs/hooks.md."""
 
     async def step_and_draw(self, batch: Sequence[SequenceChunk], samplers: Mapping[str, Sampler]) -> list[StageOutput]: ...
 

@@ -133,6 +133,26 @@ class Sampler:
         return SampledToken(token, float(logprobs[token]), top)
 
     @property
+    def draws_ahead(self) -> bool:
+        """Whether :meth:`draw` may run before the previous token is observed and give the same
+        token: no constraint and no penalties, so the draw depends only on the logits and the
+        generator. An engine may then draw a step before the scheduler asks for it (see
+        :class:`skulk_core.DrawingEngine`), rewinding with :meth:`checkpoint` and :meth:`restore`
+        if that step is not taken."""
+        p = self.params
+        return self.constraint is None and not (p.presence_penalty or p.frequency_penalty)
+
+    def checkpoint(self) -> object:
+        """What :meth:`restore` needs to undo the draws after this call (the generator's state;
+        nothing for greedy decoding, which draws nothing at random)."""
+        return None if self.params.greedy else self._rng.bit_generator.state
+
+    def restore(self, checkpoint: object) -> None:
+        """Undo the draws made since :meth:`checkpoint` returned ``checkpoint``."""
+        if checkpoint is not None:
+            self._rng.bit_generator.state = checkpoint
+
+    @property
     def resolved_params(self) -> SamplingParams:
         """These parameters with the seed in force."""
         return attrs.evolve(self.params, seed=self.seed)

@@ -22,6 +22,7 @@ from heapq import heapify, heappop, heappush
 
 import llama_cpp
 import numpy as np
+from attrs import frozen
 
 from skulk_core import (
     BackendError,
@@ -57,6 +58,18 @@ _Row = np.ndarray | SampledToken | None  # a chunk's logits, the token drawn fro
 # decode has streamed the weights through the caches, each numpy call costs 10-15x what it costs in a
 # loop; measured on the default model: 32 us to check a one-token chunk with numpy, against 2.2 us hot.
 _SHORT = 8
+
+
+@frozen
+class _Ahead:
+    """A request's next decode step, run before the scheduler asked for it (see ``decode_ahead``):
+    ``token`` fed at ``position``, and what was drawn after it."""
+
+    position: int
+    token: int
+    drawn: SampledToken
+    sampler: Sampler
+    checkpoint: object  # the sampler's state before the draw, restored if the step is not taken
 
 
 class _Batch:
@@ -169,6 +182,8 @@ class LlamaCppEngine:
         self._free_slots = list(range(self.max_sequences))
         heapify(self._free_slots)  # the lowest free id first, so a run is repeatable
         self._lengths = [0] * self.max_sequences  # positions cached per sequence id
+        self._ahead: dict[str, _Ahead] = {}  # request id -> its next step, decoded already
+        self._eos = frozenset(self.tokenizer.eos_token_ids)
 
         self._embed_lock = threading.Lock()
         self._embed_ctx: int | None = None
@@ -198,26 +213,126 @@ class LlamaCppEngine:
         with self._lock:
             self._check_open()
             plan = self._plan(batch)
-            fresh = [chunk.request_id for chunk in batch if chunk.request_id not in self._slots]
+            rows: list[_Row] = [None] * len(batch)
+            todo = list(range(len(batch)))  # chunks not decoded ahead: decoded now
+            if self._ahead:
+                todo = [i for i in todo if not self._take_ahead(batch[i], draws[i] if draws else None, rows, i)]
+            if todo:
+                decoded = self._run(
+                    [batch[i].request_id for i in todo], [plan[i] for i in todo], [draws[i] for i in todo] if draws else None
+                )
+                for i, row in zip(todo, decoded):
+                    rows[i] = row
+            if draws and self.settings.decode_ahead:
+                ahead = self._next_steps(batch, plan, draws, rows)
+                if ahead:
+                    # Queued behind this call, before the scheduler can ask for the step: the thread
+                    # decodes it while the event loop streams this token and plans the next step.
+                    self._thread.submit(self._decode_ahead, ahead)
+            return rows
+
+    def _run(
+        self, request_ids: list[str], plan: list[tuple[int, Sequence[int] | np.ndarray, bool]], draws: list[Sampler | None] | None
+    ) -> list[_Row]:
+        """Decode ``plan`` (checked by :meth:`_plan`) for ``request_ids``, giving new ones a slot."""
+        fresh = [request_id for request_id in request_ids if request_id not in self._slots]
+        for request_id in fresh:
+            self._slots[request_id] = heappop(self._free_slots)
+        seq_ids = [self._slots[request_id] for request_id in request_ids]
+        try:
+            for seq_id, (position, _, _) in zip(seq_ids, plan):
+                if position < self._lengths[seq_id]:  # the core rewound this sequence
+                    self._rewind(seq_id, position)
+            logits = self._decode(seq_ids, plan, draws)
+        except BaseException:
+            for seq_id in seq_ids:
+                self._lengths[seq_id] = int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq_id)) + 1
             for request_id in fresh:
-                self._slots[request_id] = heappop(self._free_slots)
-            seq_ids = [self._slots[chunk.request_id] for chunk in batch]
+                self._release(request_id)
+            raise
+        for seq_id, (position, tokens, _) in zip(seq_ids, plan):
+            self._lengths[seq_id] = position + len(tokens)
+        return logits
+
+    def _rewind(self, seq_id: int, position: int) -> None:
+        if not llama_cpp.llama_memory_seq_rm(self._memory, seq_id, position, -1):
+            raise BackendError(f"llama.cpp could not rewind sequence {seq_id} to position {position}")
+        self._lengths[seq_id] = position
+
+    # -- decoding ahead ----------------------------------------------------------------------
+    #
+    # After a step whose tokens were drawn here, the next step of each such sequence is already
+    # known: the token just drawn, at the next position. With ``decode_ahead`` on, the compute
+    # thread decodes it (and draws from it) right away, instead of waiting for the event loop to
+    # stream the token, plan the next step and hand it over: that round trip, and the event loop's
+    # waits for a CPU on a busy machine, leave the critical path of a stream. When the scheduler
+    # asks for that step, the token is there. A step it never asks for (the request stopped, or
+    # was cancelled) costs one decode of compute; one it asks for differently is undone: the KV
+    # cache is cut back and the sampler's generator restored, so seeds stay reproducible.
+
+    def _next_steps(
+        self, batch: list[SequenceChunk], plan: list[tuple[int, Sequence[int] | np.ndarray, bool]], draws: list[Sampler | None], rows: list[_Row]
+    ) -> list[tuple[str, int, int, Sampler]]:
+        """(request id, position, token, sampler) of every next step worth decoding ahead: a token
+        drawn here by a sampler that may draw ahead, not an end of generation, within the context."""
+        steps = []
+        for chunk, (position, tokens, _), sampler, row in zip(batch, plan, draws, rows):
+            if sampler is None or not isinstance(row, SampledToken) or not sampler.draws_ahead:
+                continue
+            next_position = position + len(tokens)
+            if row.token_id in self._eos or next_position + 1 >= self.context_length:
+                continue  # most likely the last token: the scheduler stops here
+            steps.append((chunk.request_id, next_position, row.token_id, sampler))
+        return steps
+
+    def _decode_ahead(self, steps: list[tuple[str, int, int, Sampler]]) -> None:
+        with self._lock:
+            if not self._ctx:
+                return
+            # Still as planned: not released meanwhile, nothing decoded for it since.
+            steps = [
+                step
+                for step in steps
+                if step[0] in self._slots and step[0] not in self._ahead and self._lengths[self._slots[step[0]]] == step[1]
+            ]
+            if not steps:
+                return
+            checkpoints = [sampler.checkpoint() for _, _, _, sampler in steps]
             try:
-                for seq_id, (position, _, _) in zip(seq_ids, plan):
-                    if position < self._lengths[seq_id]:  # the core rewound this sequence
-                        if not llama_cpp.llama_memory_seq_rm(self._memory, seq_id, position, -1):
-                            raise BackendError(f"llama.cpp could not rewind sequence {seq_id} to position {position}")
-                        self._lengths[seq_id] = position
-                logits = self._decode(seq_ids, plan, draws)
-            except BaseException:
-                for seq_id in seq_ids:
-                    self._lengths[seq_id] = int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq_id)) + 1
-                for request_id in fresh:
-                    self._release(request_id)
-                raise
-            for seq_id, (position, tokens, _) in zip(seq_ids, plan):
-                self._lengths[seq_id] = position + len(tokens)
-            return logits
+                rows = self._run(
+                    [request_id for request_id, _, _, _ in steps],
+                    [(position, (token,), True) for _, position, token, _ in steps],
+                    [sampler for _, _, _, sampler in steps],
+                )
+            except Exception:
+                for (_, _, _, sampler), checkpoint in zip(steps, checkpoints):
+                    sampler.restore(checkpoint)
+                log.warning("decoding ahead failed; the scheduler's own step will decode it", exc_info=True)
+                return
+            for (request_id, position, token, sampler), checkpoint, row in zip(steps, checkpoints, rows):
+                if isinstance(row, SampledToken):
+                    self._ahead[request_id] = _Ahead(position, token, row, sampler, checkpoint)
+                else:  # not drawn after all: the step is undone, and decoded when asked for
+                    sampler.restore(checkpoint)
+                    self._rewind(self._slots[request_id], position)
+
+    def _take_ahead(self, chunk: SequenceChunk, sampler: Sampler | None, rows: list[_Row], index: int) -> bool:
+        """Put the token decoded ahead for ``chunk`` in ``rows[index]`` if it is the step asked for;
+        otherwise undo that step. True when taken."""
+        ahead = self._ahead.pop(chunk.request_id, None)
+        if ahead is None:
+            return False
+        if sampler is ahead.sampler and chunk.position == ahead.position and chunk.tokens == (ahead.token,):
+            rows[index] = ahead.drawn
+            return True
+        self._undo(chunk.request_id, ahead)
+        return False
+
+    def _undo(self, request_id: str, ahead: _Ahead) -> None:
+        ahead.sampler.restore(ahead.checkpoint)
+        seq_id = self._slots.get(request_id)
+        if seq_id is not None and self._lengths[seq_id] > ahead.position:
+            self._rewind(seq_id, ahead.position)
 
     def _plan(self, batch: list[SequenceChunk]) -> list[tuple[int, Sequence[int] | np.ndarray, bool]]:
         """Check the whole step before anything changes: (position, tokens, want_logits) per chunk."""
@@ -333,6 +448,7 @@ class LlamaCppEngine:
             self._release(request_id)
 
     def _release(self, request_id: str) -> None:
+        self._ahead.pop(request_id, None)
         seq_id = self._slots.pop(request_id, None)
         if seq_id is None:
             return
@@ -423,6 +539,7 @@ class LlamaCppEngine:
                 self._ctx = None
             self._batch.free()
             self._slots.clear()
+            self._ahead.clear()
             self._model.free()
 
 

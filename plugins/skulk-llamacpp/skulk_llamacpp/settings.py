@@ -40,12 +40,17 @@ class LlamaCppSettings:
       with the page cache and loading is fast.
     - ``kv_cache_type``: element type of the KV cache: ``f16`` (default), ``f32``, ``q8_0`` or
       ``q4_0``. The quantized types halve or quarter its memory and need ``flash_attn: true``.
+    - ``decode_ahead``: once a step's tokens are drawn, decode the next step at once, before the
+      scheduler asks for it, so that streaming a token and planning the next step overlap the
+      compute instead of standing between two decodes (on by default). A step that turns out not to
+      be wanted (the request stopped) costs one decode; greedy and seeded output is unchanged.
     """
 
     n_batch: int = field(default=512, validator=_at_least_one)
     flash_attn: bool = True
     use_mmap: bool = True
     kv_cache_type: str = field(default="f16", validator=_kv_cache_type)
+    decode_ahead: bool = True
 
     def __attrs_post_init__(self) -> None:
         if self.kv_cache_type.startswith("q") and not self.flash_attn:

@@ -339,3 +339,83 @@ def test_every_decode_runs_on_the_process_compute_thread(engine: Engine, monkeyp
     step(engine, [SequenceChunk("compute-thread", 0, tok.encode("Hello"))])
     anyio.run(engine.release, "compute-thread")
     assert callers == {"skulk compute"}
+
+
+def _idle() -> None:
+    """Wait until the compute thread has run every call queued so far (a step decoded ahead)."""
+    from skulk_core import compute_thread
+
+    compute_thread().call(lambda: None)
+
+
+def test_the_next_step_is_decoded_ahead_and_then_taken(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a step drawn here, the thread decodes the next one at once; asked for, it is not
+    decoded again: every position is decoded exactly once, and one past the last step asked for."""
+    import llama_cpp
+
+    assert engine.tokenizer is not None
+    prompt = engine.tokenizer.encode("The capital of France is")
+    decoded: list[tuple[int, ...]] = []  # the positions of each llama_decode
+    decode = llama_cpp.llama_decode
+
+    def recording_decode(ctx, batch):  # type: ignore[no-untyped-def]
+        decoded.append(tuple(batch.pos[i] for i in range(batch.n_tokens)))
+        return decode(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording_decode)
+    sampler = Sampler(SamplingParams(temperature=0.0))
+    tokens = []
+    chunk = SequenceChunk("ahead", 0, prompt)
+    for _ in range(6):
+        (output,) = anyio.run(engine.step_and_draw, [chunk], {"ahead": sampler})
+        assert output.sampled is not None
+        sampler.observe(output.sampled.token_id)
+        tokens.append(output.sampled.token_id)
+        chunk = SequenceChunk("ahead", chunk.position + chunk.length, (output.sampled.token_id,))
+    _idle()
+    release(engine, "ahead")
+    n = len(prompt)
+    assert decoded == [tuple(range(n)), *((p,) for p in range(n, n + 6))]  # n + 5 asked for, n + 6 ahead
+    assert tokens == greedy_alone(engine, "behind", prompt, 6)
+
+
+def _sampled_run(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
+    """Two seeded requests driven the way the scheduler drives them: the second joins while the
+    first decodes, the first's step decoded ahead is once asked for with another token than the
+    one drawn (so it is undone), and the second sits out a step while the first goes on."""
+    first, second = (Sampler(SamplingParams(temperature=1.2, seed=seed)) for seed in (7, 8))
+    samplers = {"first": first, "second": second}
+    chunks = {"first": SequenceChunk("first", 0, prompts[0])}
+    out: dict[str, list[int]] = {"first": [], "second": []}
+    for number in range(10):
+        if number == 3:
+            chunks["second"] = SequenceChunk("second", 0, prompts[1])
+        outputs = anyio.run(engine.step_and_draw, list(chunks.values()), samplers)
+        _idle()  # the step ahead is decoded before the next one is asked for, every time
+        for output in outputs:
+            chunk = chunks[output.request_id]
+            assert output.sampled is not None
+            token = output.sampled.token_id
+            if output.request_id == "first" and number == 5:
+                token = 504  # not the token drawn: the step decoded ahead with it is undone
+            samplers[output.request_id].observe(token)
+            out[output.request_id].append(token)
+            chunks[output.request_id] = SequenceChunk(output.request_id, chunk.position + chunk.length, (token,))
+        if number == 6:
+            parked = chunks.pop("second")  # sits out a step: its step ahead waits for it
+        elif number == 7:
+            chunks["second"] = parked
+    release(engine, "first", "second")
+    return [out["first"], out["second"]]
+
+
+def test_decoding_ahead_changes_no_seeded_token(engine: Engine, card: ModelCard) -> None:
+    assert engine.tokenizer is not None
+    prompts = [engine.tokenizer.encode("Write a poem about the sea."), engine.tokenizer.encode("Name three rivers.")]
+    behind = _load(card, decode_ahead=False)
+    try:
+        expected = _sampled_run(behind, prompts)
+    finally:
+        anyio.run(behind.close)
+    assert _sampled_run(engine, prompts) == expected
+    assert not engine._ahead  # type: ignore[attr-defined]

@@ -96,8 +96,9 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
 def test_tokens_are_drawn_on_the_compute_thread(client: openai.OpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     # The llama.cpp engine is a DrawingEngine: each token is drawn by the request's own sampler on
     # the process's compute thread, from llama.cpp's logits, not on the event loop from a copy.
-    from skulk_core import Sampler
+    from skulk_core import Sampler, compute_thread
 
+    compute_thread().call(lambda: None)  # an earlier request's last step decoded ahead is done
     drawn_on: list[str] = []
     draw = Sampler.draw
 
@@ -107,8 +108,11 @@ def test_tokens_are_drawn_on_the_compute_thread(client: openai.OpenAI, monkeypat
 
     monkeypatch.setattr(Sampler, "draw", spy)
     reply = client.chat.completions.create(model=MODEL, messages=HI, temperature=0, max_tokens=5)
+    compute_thread().call(lambda: None)  # and this one's
     assert drawn_on and set(drawn_on) == {"skulk compute"}
-    assert len(drawn_on) == reply.usage.completion_tokens  # one draw a generated token
+    # One draw a generated token, and one for the step the engine decoded ahead past the last
+    # (llamacpp.decode_ahead): the scheduler stopped at max_tokens.
+    assert len(drawn_on) == reply.usage.completion_tokens + 1
 
 
 def test_completions(client: openai.OpenAI) -> None:
