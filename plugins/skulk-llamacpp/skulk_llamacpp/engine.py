@@ -182,6 +182,7 @@ class LlamaCppEngine:
         self._free_slots = list(range(self.max_sequences))
         heapify(self._free_slots)  # the lowest free id first, so a run is repeatable
         self._lengths = [0] * self.max_sequences  # positions cached per sequence id
+        self._decodes_ahead = settings.decodes_ahead(self.threads)
         self._ahead: dict[str, _Ahead] = {}  # request id -> its next step, decoded already
         self._eos = frozenset(self.tokenizer.eos_token_ids)
 
@@ -223,7 +224,7 @@ class LlamaCppEngine:
                 )
                 for i, row in zip(todo, decoded):
                     rows[i] = row
-            if draws and self.settings.decode_ahead:
+            if draws and self._decodes_ahead:
                 ahead = self._next_steps(batch, plan, draws, rows)
                 if ahead:
                     # Queued behind this call, before the scheduler can ask for the step: the thread
@@ -264,9 +265,9 @@ class LlamaCppEngine:
     # After a step whose tokens were drawn here, the next step of each such sequence is already
     # known: the token just drawn, at the next position. With ``decode_ahead`` on, the compute
     # thread decodes it (and draws from it) right away, instead of waiting for the event loop to
-    # stream the token, plan the next step and hand it over: that round trip, and the event loop's
-    # waits for a CPU on a busy machine, leave the critical path of a stream. When the scheduler
-    # asks for that step, the token is there. A step it never asks for (the request stopped, or
+    # stream the token, plan the next step and hand it over: that round trip leaves the critical
+    # path of a stream, given a CPU for the event loop (``auto`` checks that llama.cpp's threads
+    # leave one). When the scheduler asks for that step, the token is there. A step it never asks for (the request stopped, or
     # was cancelled) costs one decode of compute; one it asks for differently is undone: the KV
     # cache is cut back and the sampler's generator restored, so seeds stay reproducible.
 

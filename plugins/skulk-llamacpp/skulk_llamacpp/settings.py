@@ -7,6 +7,8 @@ a test), the defaults below apply.
 
 from __future__ import annotations
 
+import os
+
 import attrs
 from attrs import field, frozen
 
@@ -18,6 +20,14 @@ KV_CACHE_BYTES_PER_VALUE = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 
 def _at_least_one(_: object, attribute: attrs.Attribute, value: int) -> None:
     if value < 1:
         raise ValueError(f"llamacpp.{attribute.name} must be at least 1, got {value}")
+
+
+DECODE_AHEAD = ("auto", "always", "never")
+
+
+def _decode_ahead(_: object, attribute: attrs.Attribute, value: str) -> None:
+    if value not in DECODE_AHEAD:
+        raise ValueError(f"llamacpp.{attribute.name} must be one of {', '.join(DECODE_AHEAD)}; got {value!r}")
 
 
 def _kv_cache_type(_: object, attribute: attrs.Attribute, value: str) -> None:
@@ -42,15 +52,28 @@ class LlamaCppSettings:
       ``q4_0``. The quantized types halve or quarter its memory and need ``flash_attn: true``.
     - ``decode_ahead``: once a step's tokens are drawn, decode the next step at once, before the
       scheduler asks for it, so that streaming a token and planning the next step overlap the
-      compute instead of standing between two decodes (on by default). A step that turns out not to
-      be wanted (the request stopped) costs one decode; greedy and seeded output is unchanged.
+      compute instead of standing between two decodes. ``auto`` (default) does it when llama.cpp's
+      threads leave a CPU of this process free for the event loop, ``always`` and ``never`` say so.
+      Measured with the default model on 2 CPUs: one thread decodes a stream 2.9 % faster with it;
+      two threads 1.9 % slower, because the event loop's work then takes a CPU from a decode whose
+      threads wait for each other. A step that turns out not to be wanted (the request stopped)
+      costs one decode; greedy and seeded output is unchanged.
     """
 
     n_batch: int = field(default=512, validator=_at_least_one)
     flash_attn: bool = True
     use_mmap: bool = True
     kv_cache_type: str = field(default="f16", validator=_kv_cache_type)
-    decode_ahead: bool = True
+    decode_ahead: str = field(default="auto", validator=_decode_ahead)
+
+    def decodes_ahead(self, threads: int, cpus: int | None = None) -> bool:
+        """Whether an engine with ``threads`` llama.cpp threads decodes ahead, on ``cpus`` CPUs
+        (default: those this process may run on)."""
+        if self.decode_ahead != "auto":
+            return self.decode_ahead == "always"
+        if cpus is None:
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return threads < cpus
 
     def __attrs_post_init__(self) -> None:
         if self.kv_cache_type.startswith("q") and not self.flash_attn:

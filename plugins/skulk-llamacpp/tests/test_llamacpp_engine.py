@@ -53,7 +53,7 @@ def _load(card: ModelCard, **settings: object) -> Engine:
 
 @pytest.fixture(scope="module")
 def engine(card: ModelCard) -> Iterator[Engine]:
-    engine = _load(card)
+    engine = _load(card, decode_ahead="always")  # what "auto" gives one thread on two CPUs, everywhere
     yield engine
     anyio.run(engine.close)
 
@@ -348,11 +348,21 @@ def _idle() -> None:
     compute_thread().call(lambda: None)
 
 
+def test_decode_ahead_by_default_only_with_a_cpu_to_spare() -> None:
+    assert LlamaCppSettings().decodes_ahead(1, cpus=2)
+    assert not LlamaCppSettings().decodes_ahead(2, cpus=2)
+    assert LlamaCppSettings(decode_ahead="always").decodes_ahead(4, cpus=2)
+    assert not LlamaCppSettings(decode_ahead="never").decodes_ahead(1, cpus=16)
+    with pytest.raises(ValueError, match="auto, always, never"):
+        LlamaCppSettings(decode_ahead="sometimes")
+
+
 def test_the_next_step_is_decoded_ahead_and_then_taken(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """After a step drawn here, the thread decodes the next one at once; asked for, it is not
     decoded again: every position is decoded exactly once, and one past the last step asked for."""
     import llama_cpp
 
+    assert engine._decodes_ahead  # type: ignore[attr-defined]
     assert engine.tokenizer is not None
     prompt = engine.tokenizer.encode("The capital of France is")
     decoded: list[tuple[int, ...]] = []  # the positions of each llama_decode
@@ -412,7 +422,7 @@ def _sampled_run(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
 def test_decoding_ahead_changes_no_seeded_token(engine: Engine, card: ModelCard) -> None:
     assert engine.tokenizer is not None
     prompts = [engine.tokenizer.encode("Write a poem about the sea."), engine.tokenizer.encode("Name three rivers.")]
-    behind = _load(card, decode_ahead=False)
+    behind = _load(card, decode_ahead="never")
     try:
         expected = _sampled_run(behind, prompts)
     finally:

@@ -97,6 +97,7 @@ def test_tokens_are_drawn_on_the_compute_thread(client: openai.OpenAI, monkeypat
     # The llama.cpp engine is a DrawingEngine: each token is drawn by the request's own sampler on
     # the process's compute thread, from llama.cpp's logits, not on the event loop from a copy.
     from skulk_core import Sampler, compute_thread
+    from skulk_llamacpp import LlamaCppSettings
 
     compute_thread().call(lambda: None)  # an earlier request's last step decoded ahead is done
     drawn_on: list[str] = []
@@ -110,9 +111,10 @@ def test_tokens_are_drawn_on_the_compute_thread(client: openai.OpenAI, monkeypat
     reply = client.chat.completions.create(model=MODEL, messages=HI, temperature=0, max_tokens=5)
     compute_thread().call(lambda: None)  # and this one's
     assert drawn_on and set(drawn_on) == {"skulk compute"}
-    # One draw a generated token, and one for the step the engine decoded ahead past the last
-    # (llamacpp.decode_ahead): the scheduler stopped at max_tokens.
-    assert len(drawn_on) == reply.usage.completion_tokens + 1
+    # One draw a generated token, and, where the engine decodes ahead (llamacpp.decode_ahead: auto,
+    # the node's one thread leaving a CPU free), one for the step it decoded past the last.
+    ahead = LlamaCppSettings().decodes_ahead(1)
+    assert len(drawn_on) == reply.usage.completion_tokens + ahead
 
 
 def test_completions(client: openai.OpenAI) -> None:
