@@ -267,9 +267,10 @@ class LlamaCppEngine:
     # thread decodes it (and draws from it) right away, instead of waiting for the event loop to
     # stream the token, plan the next step and hand it over: that round trip leaves the critical
     # path of a stream, given a CPU for the event loop (``auto`` checks that llama.cpp's threads
-    # leave one). When the scheduler asks for that step, the token is there. A step it never asks for (the request stopped, or
-    # was cancelled) costs one decode of compute; one it asks for differently is undone: the KV
-    # cache is cut back and the sampler's generator restored, so seeds stay reproducible.
+    # leave one). When the scheduler asks for that step, the token is there. A step it never asks
+    # for (the request stopped, or was cancelled) costs one decode of compute; one it asks for
+    # differently is undone: the KV cache is cut back and the sampler's generator restored, so
+    # seeds stay reproducible.
 
     def _next_steps(
         self, batch: list[SequenceChunk], plan: list[tuple[int, Sequence[int] | np.ndarray, bool]], draws: list[Sampler | None], rows: list[_Row]
