@@ -315,8 +315,7 @@ class LlamaCppEngine:
                 if isinstance(row, SampledToken):
                     self._ahead[request_id] = _Ahead(position, token, row, sampler, checkpoint)
                 else:  # not drawn after all: the step is undone, and decoded when asked for
-                    sampler.restore(checkpoint)
-                    self._rewind(self._slots[request_id], position)
+                    self._undo(request_id, sampler, checkpoint, position)
 
     def _take_ahead(self, chunk: SequenceChunk, sampler: Sampler | None, rows: list[_Row], index: int) -> bool:
         """Put the token decoded ahead for ``chunk`` in ``rows[index]`` if it is the step asked for;
@@ -327,14 +326,15 @@ class LlamaCppEngine:
         if sampler is ahead.sampler and chunk.position == ahead.position and chunk.tokens == (ahead.token,):
             rows[index] = ahead.drawn
             return True
-        self._undo(chunk.request_id, ahead)
+        self._undo(chunk.request_id, ahead.sampler, ahead.checkpoint, ahead.position)
         return False
 
-    def _undo(self, request_id: str, ahead: _Ahead) -> None:
-        ahead.sampler.restore(ahead.checkpoint)
+    def _undo(self, request_id: str, sampler: Sampler, checkpoint: object, position: int) -> None:
+        """Take back a step decoded ahead from ``position``: the sampler's draw and the KV cache."""
+        sampler.restore(checkpoint)
         seq_id = self._slots.get(request_id)
-        if seq_id is not None and self._lengths[seq_id] > ahead.position:
-            self._rewind(seq_id, ahead.position)
+        if seq_id is not None and self._lengths[seq_id] > position:
+            self._rewind(seq_id, position)
 
     def _plan(self, batch: list[SequenceChunk]) -> list[tuple[int, Sequence[int] | np.ndarray, bool]]:
         """Check the whole step before anything changes: (position, tokens, want_logits) per chunk."""
