@@ -229,6 +229,12 @@ def _structure_str(value: object, _: type) -> str:
     raise _WrongType(f"expected a string, got {value!r}")
 
 
+def _structure_str_or_bool(value: object, _: type) -> str | bool:
+    # A mode that is also on or off (``decode_ahead: auto``, or ``false``): YAML reads ``off``,
+    # ``no`` and ``false`` as booleans, which the field's own converter then names.
+    return value if isinstance(value, bool) else _structure_str(value, str)
+
+
 def _is_homogeneous_tuple(tp: Any) -> bool:
     args = typing.get_args(tp)
     return typing.get_origin(tp) is tuple and len(args) == 2 and args[1] is Ellipsis
@@ -249,6 +255,7 @@ _converter.register_structure_hook(bool, _structure_bool)
 _converter.register_structure_hook(int, _structure_int)
 _converter.register_structure_hook(float, _structure_float)
 _converter.register_structure_hook(str, _structure_str)
+_converter.register_structure_hook(str | bool, _structure_str_or_bool)
 _converter.register_structure_hook_factory(_is_homogeneous_tuple, _tuple_hook)
 
 

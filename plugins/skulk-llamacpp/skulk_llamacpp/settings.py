@@ -23,6 +23,18 @@ def _at_least_one(_: object, attribute: attrs.Attribute, value: int) -> None:
 
 
 DECODE_AHEAD = ("auto", "always", "never")
+_ON = ("true", "yes", "on", "1")
+_OFF = ("false", "no", "off", "0")
+
+
+def _decode_ahead_mode(value: str | bool) -> str:
+    """``always`` for true (YAML's ``true``, ``on``, ``yes``, or those words from the environment),
+    ``never`` for false; any other value as it is, for the validator to check."""
+    if isinstance(value, str) and value.strip().lower() in _ON + _OFF:
+        value = value.strip().lower() in _ON
+    if isinstance(value, bool):
+        return "always" if value else "never"
+    return value
 
 
 def _decode_ahead(_: object, attribute: attrs.Attribute, value: str) -> None:
@@ -57,14 +69,15 @@ class LlamaCppSettings:
       Measured with the default model on 2 CPUs: one thread decodes a stream 2.9 % faster with it;
       two threads 1.9 % slower, because the event loop's work then takes a CPU from a decode whose
       threads wait for each other. A step that turns out not to be wanted (the request stopped)
-      costs one decode; greedy and seeded output is unchanged.
+      costs one decode; greedy and seeded output is unchanged. ``true`` and ``false`` (also YAML's
+      ``on`` and ``off``) mean ``always`` and ``never``.
     """
 
     n_batch: int = field(default=512, validator=_at_least_one)
     flash_attn: bool = True
     use_mmap: bool = True
     kv_cache_type: str = field(default="f16", validator=_kv_cache_type)
-    decode_ahead: str = field(default="auto", validator=_decode_ahead)
+    decode_ahead: str | bool = field(default="auto", converter=_decode_ahead_mode, validator=_decode_ahead)
 
     def decodes_ahead(self, threads: int, cpus: int | None = None) -> bool:
         """Whether an engine with ``threads`` llama.cpp threads decodes ahead, on ``cpus`` CPUs

@@ -64,9 +64,32 @@ def test_config_section_from_file_and_environment() -> None:
     assert LlamaCppSettings().flash_attn  # on unless turned off
 
 
+@pytest.mark.parametrize(
+    ("document", "env", "mode"),
+    [
+        ({"decode_ahead": False}, {}, "never"),  # YAML's false, off and no
+        ({"decode_ahead": True}, {}, "always"),
+        ({"decode_ahead": "auto"}, {}, "auto"),
+        ({}, {"SKULK_LLAMACPP_DECODE_AHEAD": "off"}, "never"),
+        ({}, {"SKULK_LLAMACPP_DECODE_AHEAD": "Yes"}, "always"),
+        ({}, {"SKULK_LLAMACPP_DECODE_AHEAD": "never"}, "never"),
+    ],
+)
+def test_decode_ahead_takes_a_mode_or_a_boolean(document: dict, env: dict, mode: str) -> None:
+    loader = ConfigLoader(document={"llamacpp": document}, env=env, cli={})
+    assert loader.resolve({"llamacpp": LlamaCppSettings}).section("llamacpp").decode_ahead == mode
+
+
 def test_config_section_rejects_bad_values() -> None:
+    def resolve(section: dict) -> None:
+        ConfigLoader(document={"llamacpp": section}, env={}, cli={}).resolve({"llamacpp": LlamaCppSettings})
+
+    with pytest.raises(ConfigError, match="decode_ahead must be one of auto, always, never; got 'sometimes'"):
+        resolve({"decode_ahead": "sometimes"})
+    with pytest.raises(ConfigError, match=r"llamacpp.decode_ahead: expected a string, got \[2.5\]"):
+        resolve({"decode_ahead": [2.5]})
     with pytest.raises(ConfigError, match="kv_cache_type"):
-        ConfigLoader(document={"llamacpp": {"kv_cache_type": "q3"}}, env={}, cli={}).resolve({"llamacpp": LlamaCppSettings})
+        resolve({"kv_cache_type": "q3"})
     with pytest.raises(ValueError, match="flash_attn"):
         LlamaCppSettings(kv_cache_type="q8_0", flash_attn=False)
     assert LlamaCppSettings(kv_cache_type="q8_0", flash_attn=True).kv_bytes_per_value == 34 / 32
