@@ -283,8 +283,12 @@ def _structure(name: str, cls: type, data: object, source: Path | None) -> objec
             details = cattrs.transform_error(exc, path=name, format_exception=_describe)
         else:
             details = [f"{exc} @ {name}"]
-        # cattrs writes "message @ path"; say "path: message", so the key comes first
-        pretty = "; ".join(f"{path}: {message}" for message, _, path in (d.rpartition(" @ ") for d in details))
+        # cattrs writes "message @ path"; say "path: message", so the key comes first (once: a
+        # plugin's validator may name its key as "section.key" already)
+        pretty = "; ".join(
+            message if message.startswith(f"{path}.") else f"{path}: {message}"
+            for message, _, path in (d.rpartition(" @ ") for d in details)
+        )
         raise ConfigError(f"{_where(source)}: invalid configuration: {pretty}") from None
 
 

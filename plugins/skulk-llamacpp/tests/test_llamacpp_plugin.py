@@ -84,7 +84,9 @@ def test_config_section_rejects_bad_values() -> None:
     def resolve(section: dict) -> None:
         ConfigLoader(document={"llamacpp": section}, env={}, cli={}).resolve({"llamacpp": LlamaCppSettings})
 
-    with pytest.raises(ConfigError, match="decode_ahead must be one of auto, always, never; got 'sometimes'"):
+    # the validator names its key once, as "llamacpp.decode_ahead"
+    modes = "invalid configuration: llamacpp.decode_ahead must be one of auto, always, never; got 'sometimes'$"
+    with pytest.raises(ConfigError, match=modes):
         resolve({"decode_ahead": "sometimes"})
     with pytest.raises(ConfigError, match=r"llamacpp.decode_ahead: expected a string, got \[2.5\]"):
         resolve({"decode_ahead": [2.5]})
