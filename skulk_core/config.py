@@ -302,6 +302,10 @@ def _deep_merge(base: dict, override: Mapping) -> dict:
     return out
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
 def _env_value(text: str, tp: Any) -> object:
     """Parse an environment string for a field of type ``tp``."""
     origin = typing.get_origin(tp)
@@ -309,12 +313,15 @@ def _env_value(text: str, tp: Any) -> object:
     if origin in (typing.Union, types.UnionType):
         if text == "":
             return None
+        if set(args) == {str, bool}:  # a mode that is also on or off: the words YAML reads as booleans
+            lowered = text.strip().lower()
+            return lowered in _TRUE if lowered in _TRUE + _FALSE else text
         return _env_value(text, args[0])
     if tp is bool:
         lowered = text.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
+        if lowered in _TRUE:
             return True
-        if lowered in ("0", "false", "no", "off", ""):
+        if lowered in _FALSE or lowered == "":
             return False
         raise ValueError(f"{text!r} is not a boolean (use true or false)")
     if origin in (tuple, list):

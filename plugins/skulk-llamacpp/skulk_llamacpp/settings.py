@@ -23,15 +23,12 @@ def _at_least_one(_: object, attribute: attrs.Attribute, value: int) -> None:
 
 
 DECODE_AHEAD = ("auto", "always", "never")
-_ON = ("true", "yes", "on", "1")
-_OFF = ("false", "no", "off", "0")
 
 
-def _decode_ahead_mode(value: str | bool) -> str:
-    """``always`` for true (YAML's ``true``, ``on``, ``yes``, or those words from the environment),
-    ``never`` for false; any other value as it is, for the validator to check."""
-    if isinstance(value, str) and value.strip().lower() in _ON + _OFF:
-        value = value.strip().lower() in _ON
+def _decode_ahead_mode(value: str | bool) -> str | bool:
+    """``always`` for true and ``never`` for false (the config reads YAML's ``on``, ``off``, ``yes``
+    and ``no``, and those words from the environment, as booleans); a string as it is, for the
+    validator to check."""
     if isinstance(value, bool):
         return "always" if value else "never"
     return value
