@@ -9,13 +9,14 @@ generator, which closes the model server's generator, which frees the sequence a
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from skulk_core.node import Node
 
 log = logging.getLogger("skulk.openai")
+T = TypeVar("T")
 
 MAX_BODY = 16 * 1024 * 1024
 BODY_TIMEOUT = 60  # seconds a client may take to send its body; then a 408
@@ -230,72 +232,80 @@ class OpenAIFrontend:
         params = parse_completion(require_object(await self._body()))
         generation = params.generation
         served = self.models.ready(generation.model)
-        if isinstance(params.prompt, str):
-            prompt = self.models.encode(generation.model, params.prompt, add_special=True)
-            echo = params.prompt
-        else:
-            self._check_tokens(served, params.prompt, "prompt")
-            prompt = list(params.prompt)
-            echo = _detokenize(served, prompt)
         self._check_bias(served, generation)
-        gen_request = self._request(generation, prompt)
-        try:
-            self.models.check(gen_request)
-        except RequestError as exc:
-            if exc.param == "messages":  # the scheduler's name for the prompt, in chat terms
-                raise RequestError(str(exc), param="prompt", code=exc.code) from None
-            raise
+        requests: list[GenerationRequest] = []
+        prefixes: list[str] = []
+        for index, prompt in enumerate(params.prompts):
+            param = f"prompt[{index}]" if params.batched else "prompt"
+            if isinstance(prompt, str):
+                ids = self.models.encode(generation.model, prompt, add_special=True)
+                echo = prompt
+            else:
+                self._check_tokens(served, prompt, param)
+                ids = list(prompt)
+                echo = _detokenize(served, ids)
+            gen_request = self._request(generation, ids)
+            try:
+                self.models.check(gen_request)
+            except RequestError as exc:
+                if exc.param == "messages":  # the scheduler's name for the prompt, in chat terms
+                    raise RequestError(str(exc), param=param, code=exc.code) from None
+                raise
+            requests.append(gen_request)
+            prefixes.append(echo if params.echo else "")
         tokens = wire.TokenText(served.tokenizer)
         meta = {"id": wire.new_id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": served.id, "system_fingerprint": _fingerprint(served)}
-        prefix = echo if params.echo else ""
         if generation.stream:
-            return self._streaming(self._completion_events(gen_request, params, meta, tokens, prefix))
-        content, generated, last = await self._collect(gen_request)
-        logprobs = wire.LegacyLogprobs(tokens, len(prefix)).add(generated) if generation.logprobs else None
-        return json_response(
-            {
-                **meta,
-                "choices": [{"index": 0, "text": prefix + content, "logprobs": logprobs, "finish_reason": last.finish_reason}],
-                "usage": wire.usage(last.prompt_tokens, last.completion_tokens),
-            }
-        )
+            return self._streaming(self._completion_events(requests, params, meta, tokens, prefixes))
+        results = await _all(self._collect(r) for r in requests)
+        choices = []
+        for index, (prefix, (content, generated, last)) in enumerate(zip(prefixes, results)):
+            logprobs = wire.LegacyLogprobs(tokens, len(prefix)).add(generated) if generation.logprobs else None
+            choices.append({"index": index, "text": prefix + content, "logprobs": logprobs, "finish_reason": last.finish_reason})
+        lasts = [last for _, _, last in results]
+        return json_response({**meta, "choices": choices, "usage": _summed_usage(lasts)})
 
     async def _completion_events(
-        self, gen_request: GenerationRequest, params: CompletionParams, meta: dict[str, Any], tokens: wire.TokenText, prefix: str
+        self, requests: list[GenerationRequest], params: CompletionParams, meta: dict[str, Any], tokens: wire.TokenText, prefixes: list[str]
     ) -> AsyncIterator[bytes]:
         generation = params.generation
         base = dict(meta)
         if generation.include_usage:
             base["usage"] = None
 
-        def chunk(text: str, finish_reason: str | None = None, logprobs: Any = None) -> bytes:
-            return wire.sse({**base, "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]})
+        def chunk(index: int, text: str, finish_reason: str | None = None, logprobs: Any = None) -> bytes:
+            return wire.sse({**base, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]})
 
-        content = wire.sse_with_text({**base, "choices": [{"index": 0, "text": wire.TEXT_SLOT, "logprobs": None, "finish_reason": None}]})
+        contents = [wire.sse_with_text({**base, "choices": [{"index": i, "text": wire.TEXT_SLOT, "logprobs": None, "finish_reason": None}]}) for i in range(len(requests))]
 
-        yield chunk(prefix) if prefix else wire.SSE_OPEN
-        legacy = wire.LegacyLogprobs(tokens, len(prefix))
-        last: GenerationChunk | None = None
+        if any(prefixes):
+            for index, prefix in enumerate(prefixes):
+                yield chunk(index, prefix)
+        else:
+            yield wire.SSE_OPEN
+        legacy = [wire.LegacyLogprobs(tokens, len(prefix)) for prefix in prefixes]
+        lasts: list[GenerationChunk | None] = [None] * len(requests)
         try:
-            async with aclosing(self.models.generate(gen_request)) as chunks:
-                async for piece in chunks:
-                    logprobs = legacy.add(piece.tokens) if generation.logprobs else None
+            streams = [self.models.generate(r) for r in requests]
+            async with aclosing(_merged(streams)) as pieces:
+                async for index, piece in pieces:
+                    logprobs = legacy[index].add(piece.tokens) if generation.logprobs else None
                     if piece.finish_reason is not None:
-                        last = piece
-                        yield chunk(piece.text, piece.finish_reason, logprobs)
+                        lasts[index] = piece
+                        yield chunk(index, piece.text, piece.finish_reason, logprobs)
                     elif logprobs is None:
                         if piece.text:
-                            yield content(piece.text)
+                            yield contents[index](piece.text)
                     elif piece.text or logprobs["tokens"]:
-                        yield chunk(piece.text, None, logprobs)
+                        yield chunk(index, piece.text, None, logprobs)
         except Exception as exc:
             yield stream_error(exc)
             return
-        if last is None:
-            yield stream_error(ModelNotReadyError(f"{gen_request.model} stopped before finishing the request; retry"))
+        if any(last is None for last in lasts):
+            yield stream_error(ModelNotReadyError(f"{generation.model} stopped before finishing the request; retry"))
             return
         if generation.include_usage:
-            yield wire.sse({**base, "choices": [], "usage": wire.usage(last.prompt_tokens, last.completion_tokens)})
+            yield wire.sse({**base, "choices": [], "usage": _summed_usage(lasts)})
         yield wire.SSE_DONE
 
     async def list_models(self) -> Response:
@@ -334,6 +344,64 @@ class OpenAIFrontend:
             except SkulkError:  # not loaded yet, or headed by a node whose tokenizer is not here yet
                 pass
         return json_response(openapi_document([m.id for m in models], max(vocab, default=None)))
+
+
+def _summed_usage(lasts: Iterable[GenerationChunk | None]) -> dict[str, int]:
+    """One usage for several choices: their prompts' and their completions' tokens added up."""
+    done = [last for last in lasts if last is not None]
+    return wire.usage(sum(last.prompt_tokens for last in done), sum(last.completion_tokens for last in done))
+
+
+async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """Await ``calls`` side by side (the scheduler batches their sequences); the first failure
+    cancels the others, so none is left generating for nobody."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # their sequences freed before we answer
+
+
+_END = object()
+
+
+async def _merged(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Each stream's items as they come, as ``(index of the stream, item)``. Closing this closes
+    every stream (freeing its sequence); a stream's failure ends this with that failure."""
+    if len(streams) == 1:  # one prompt, the usual case: no tasks between the scheduler and the client
+        async with aclosing(streams[0]) as only:
+            async for item in only:
+                yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(maxsize=len(streams))
+
+    async def pump(index: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async with aclosing(stream) as items:
+                async for item in items:
+                    await queue.put((index, item))
+        except Exception as exc:  # handed to the consumer, which raises it
+            await queue.put((index, exc))
+            return
+        await queue.put((index, _END))
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is _END:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _fingerprint(served: ServedModel) -> str:

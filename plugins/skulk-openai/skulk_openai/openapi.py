@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from skulk_openai.params import MAX_EMBEDDING_INPUTS, MAX_STOP
+from skulk_openai.params import MAX_EMBEDDING_INPUTS, MAX_PROMPTS, MAX_STOP
 
 JSON = "application/json"
 
@@ -147,11 +147,11 @@ _COMPLETION_REQUEST = {
         "prompt": {
             "anyOf": [
                 {"type": "string"},
-                {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
+                {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": MAX_PROMPTS},
                 _TOKEN_IDS,
-                {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": 1},
+                {"type": "array", "items": _TOKEN_IDS, "minItems": 1, "maxItems": MAX_PROMPTS},
             ],
-            "description": "One prompt: a string (tokenized with the model's BOS if it wants one) or token ids.",
+            "description": "A prompt (a string, tokenized with the model's BOS if it wants one, or token ids), or an array of prompts: one choice each, decoded together.",
         },
         "echo": {"type": ["boolean", "null"], "default": False, "description": "Prepend the prompt to the text; not with logprobs."},
         "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 5, "description": "Return log-probabilities with this many alternatives."},

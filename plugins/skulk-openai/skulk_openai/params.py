@@ -19,6 +19,7 @@ from skulk_core import RequestError
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STOP = 4
 MAX_EMBEDDING_INPUTS = 2048
+MAX_PROMPTS = 256  # prompts in one text completion: each is a sequence for the scheduler
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 _MISSING = object()
 
@@ -181,7 +182,8 @@ class ChatParams:
 @frozen
 class CompletionParams:
     generation: Generation
-    prompt: str | tuple[int, ...]
+    prompts: tuple[str | tuple[int, ...], ...]  # one choice each, in this order
+    batched: bool = False  # the prompt was an array of prompts: errors name prompt[i]
     echo: bool = False
 
 
@@ -413,28 +415,27 @@ def parse_chat(body: object) -> ChatParams:
     return ChatParams(generation, messages)
 
 
-def _prompt(f: Fields) -> str | tuple[int, ...]:
-    prompt = f.required("prompt")
-    if isinstance(prompt, str):
-        return prompt
-    if not isinstance(prompt, list):
-        raise invalid_type("prompt", "a string, an array of strings or an array of token ids", prompt)
-    if not prompt:
-        raise invalid_value("prompt", "the array is empty; send a string or a list of token ids.")
-    if all(_is_int(t) for t in prompt):
-        return _token_ids(prompt, "prompt")
-    if len(prompt) > 1:
-        raise RequestError(
-            "Only one prompt per request is supported by this server; send one request per prompt.",
-            param="prompt",
-            code="unsupported_value",
-        )
-    only = prompt[0]
-    if isinstance(only, str):
-        return only
-    if isinstance(only, list):
-        return _token_ids(only, "prompt[0]")
-    raise invalid_type("prompt[0]", "a string or an array of token ids", only)
+def _batch(f: Fields, name: str, limit: int) -> tuple[tuple[str | tuple[int, ...], ...], bool]:
+    """``name``'s inputs, as OpenAI takes them: a string, an array of strings, token ids, or an array
+    of token-id arrays. Also whether it was an array of inputs (whose errors then name ``name[i]``)."""
+    value = f.required(name)
+    if isinstance(value, str):
+        return (value,), False
+    if not isinstance(value, list):
+        raise invalid_type(name, "a string, an array of strings, an array of token ids or an array of token-id arrays", value)
+    if not value:
+        raise invalid_value(name, "the array is empty; send a string, strings, or token ids.")
+    if all(_is_int(t) for t in value):
+        return (_token_ids(value, name),), False
+    if all(isinstance(t, str) for t in value):
+        inputs: list[str | tuple[int, ...]] = list(value)
+    elif all(isinstance(t, list) for t in value):
+        inputs = [_token_ids(t, f"{name}[{i}]") for i, t in enumerate(value)]
+    else:
+        raise invalid_type(name, "a string, an array of strings, an array of token ids or an array of token-id arrays", value)
+    if len(inputs) > limit:
+        raise invalid_value(name, f"at most {limit} inputs per request, got {len(inputs)}.")
+    return tuple(inputs), True
 
 
 def _token_ids(values: list[Any], param: str) -> tuple[int, ...]:
@@ -451,7 +452,7 @@ def _token_ids(values: list[Any], param: str) -> tuple[int, ...]:
 def parse_completion(body: object) -> CompletionParams:
     f = Fields(require_object(body))
     model = _model(f)
-    prompt = _prompt(f)
+    prompts, batched = _batch(f, "prompt", MAX_PROMPTS)
     _n(f)
     _n(f, "best_of")
     response_format = _response_format(f)  # an extension here, as in llama.cpp's server
@@ -480,34 +481,16 @@ def parse_completion(body: object) -> CompletionParams:
         ignore_eos=f.boolean("ignore_eos", False),
         response_format=response_format,
     )
-    return CompletionParams(generation, prompt, echo)
+    return CompletionParams(generation, prompts, batched, echo)
 
 
 def parse_embedding(body: object) -> EmbeddingParams:
     f = Fields(require_object(body))
     model = _model(f)
-    value = f.required("input")
-    inputs: list[str | tuple[int, ...]]
-    if isinstance(value, str):
-        inputs = [value]
-    elif isinstance(value, list):
-        if not value:
-            raise invalid_value("input", "the array is empty; send a string, strings, or token ids.")
-        if all(_is_int(t) for t in value):
-            inputs = [_token_ids(value, "input")]
-        elif all(isinstance(t, str) for t in value):
-            inputs = list(value)
-        elif all(isinstance(t, list) for t in value):
-            inputs = [_token_ids(t, f"input[{i}]") for i, t in enumerate(value)]
-        else:
-            raise invalid_type("input", "a string, an array of strings, an array of token ids or an array of token-id arrays", value)
-    else:
-        raise invalid_type("input", "a string or an array", value)
-    if len(inputs) > MAX_EMBEDDING_INPUTS:
-        raise invalid_value("input", f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got {len(inputs)}.")
+    inputs, batched = _batch(f, "input", MAX_EMBEDDING_INPUTS)
     for index, item in enumerate(inputs):
         if item == "":
-            raise invalid_value(f"input[{index}]" if isinstance(value, list) else "input", "an input is an empty string.")
+            raise invalid_value(f"input[{index}]" if batched else "input", "an input is an empty string.")
     encoding = f.string("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise invalid_value("encoding_format", f"{encoding!r} is not an encoding; use 'float' or 'base64'.")
@@ -519,4 +502,4 @@ def parse_embedding(body: object) -> EmbeddingParams:
             code="unsupported_parameter",
         )
     f.string("user")
-    return EmbeddingParams(model, tuple(inputs), encoding)
+    return EmbeddingParams(model, inputs, encoding)

@@ -128,6 +128,21 @@ def test_completions(client: openai.OpenAI) -> None:
     assert tokens.usage.prompt_tokens == 5 and tokens.choices[0].text
 
 
+def test_completions_with_several_prompts(client: openai.OpenAI) -> None:
+    # the prompts are decoded together, and each choice is what its prompt alone gives
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    alone = [client.completions.create(model=MODEL, prompt=p, temperature=0, max_tokens=6) for p in prompts]
+    reply = client.completions.create(model=MODEL, prompt=prompts, temperature=0, max_tokens=6)
+    assert [(c.index, c.text, c.finish_reason) for c in reply.choices] == [(i, a.choices[0].text, a.choices[0].finish_reason) for i, a in enumerate(alone)]
+    assert reply.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert reply.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    texts = ["", "", ""]
+    for chunk in client.completions.create(model=MODEL, prompt=prompts, temperature=0, max_tokens=6, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [a.choices[0].text for a in alone]
+
+
 def test_models(client: openai.OpenAI, http: httpx.Client) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
     model = client.models.retrieve(MODEL)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from skulk_core import RequestError
-from skulk_openai.params import parse_chat, parse_completion, parse_embedding
+from skulk_openai.params import MAX_PROMPTS, parse_chat, parse_completion, parse_embedding
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -112,10 +112,24 @@ def test_chat_refusals_name_the_param(extra: dict, param: str, code: str) -> Non
 
 
 def test_completion_prompts() -> None:
-    assert parse_completion({"model": "m", "prompt": "hi"}).prompt == "hi"
-    assert parse_completion({"model": "m", "prompt": ["hi"]}).prompt == "hi"
-    assert parse_completion({"model": "m", "prompt": [1, 2.0, 3]}).prompt == (1, 2, 3)
-    assert parse_completion({"model": "m", "prompt": [[4, 5]]}).prompt == (4, 5)
+    def prompts(value: object) -> tuple[tuple, bool]:
+        params = parse_completion({"model": "m", "prompt": value})
+        return params.prompts, params.batched
+
+    assert prompts("hi") == (("hi",), False)
+    assert prompts([1, 2.0, 3]) == (((1, 2, 3),), False)
+    # an array of prompts, even of one: each is a choice, and errors name prompt[i]
+    assert prompts(["hi"]) == (("hi",), True)
+    assert prompts([[4, 5]]) == (((4, 5),), True)
+    assert prompts(["a", "", "c"]) == (("a", "", "c"), True)  # an empty prompt is the model's BOS alone
+    assert prompts([[1], [2, 3]]) == (((1,), (2, 3)), True)
+    assert len(prompts(["x"] * MAX_PROMPTS)[0]) == MAX_PROMPTS
+    with pytest.raises(RequestError) as info:
+        parse_completion({"model": "m", "prompt": ["x"] * (MAX_PROMPTS + 1)})
+    assert (info.value.param, info.value.code) == ("prompt", "invalid_value")
+    with pytest.raises(RequestError) as info:
+        parse_completion({"model": "m", "prompt": [[1], "a"]})
+    assert (info.value.param, info.value.code) == ("prompt", "invalid_type")
     params = parse_completion({"model": "m", "prompt": "hi", "logprobs": 0, "echo": False})
     assert params.generation.max_tokens == 16 and params.generation.logprobs and params.generation.top_logprobs == 0
 

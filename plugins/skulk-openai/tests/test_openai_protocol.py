@@ -182,6 +182,46 @@ def test_completion_stream_with_openai_client(client: openai.OpenAI) -> None:
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_completion_with_several_prompts(client: openai.OpenAI) -> None:
+    # one choice a prompt, each its own prompt's continuation (after a letter the fake goes on with
+    # the alphabet), in the prompts' order; the usage adds up every prompt and every completion
+    reply = client.completions.create(model=FAKE_MODEL_ID, prompt=["hi:", "w", ""], temperature=0, max_tokens=3, echo=True)
+    assert [(c.index, c.text, c.finish_reason) for c in reply.choices] == [(0, "hi:abc", "length"), (1, "wxyz", "length"), (2, "abc", "length")]
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (4 + 2 + 1, 9, 16)
+    reply = client.completions.create(model=FAKE_MODEL_ID, prompt=[[104, 58], [104]], temperature=0, max_tokens=30, stop=["d", "f"], logprobs=1)
+    assert [(c.index, c.text, c.finish_reason) for c in reply.choices] == [(0, "abc", "stop"), (1, ALPHABET[8:], "stop")]
+    assert reply.choices[0].logprobs.tokens[:3] == ["a", "b", "c"] and reply.choices[1].logprobs.tokens[:2] == ["i", "j"]
+    assert reply.usage.prompt_tokens == 3
+
+
+def test_completion_stream_with_several_prompts(http: httpx.Client) -> None:
+    body = {"model": FAKE_MODEL_ID, "prompt": ["hi:", "hello:"], "temperature": 0, "stream": True, "echo": True, "stream_options": {"include_usage": True}}
+    data = events(http.post("/v1/completions", json={**body, "max_tokens": 4}))
+    assert data[-1] == "[DONE]"
+    chunks = data[:-1]
+    assert {c["id"] for c in chunks} == {chunks[0]["id"]}
+    # the echoed prompts come first, then each choice's text as it is generated
+    assert [c["choices"][0] for c in chunks[:2]] == [{"index": i, "text": p, "logprobs": None, "finish_reason": None} for i, p in enumerate(["hi:", "hello:"])]
+    text_chunks = [c["choices"][0] for c in chunks[:-1]]
+    assert {c["index"] for c in text_chunks} == {0, 1}
+    for index, prompt in enumerate(["hi:", "hello:"]):
+        mine = [c for c in text_chunks if c["index"] == index]
+        assert "".join(c["text"] for c in mine) == prompt + "abcd"
+        assert [c["finish_reason"] for c in mine].count("length") == 1 and mine[-1]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 11, "completion_tokens": 8, "total_tokens": 19}
+
+
+def test_completion_stream_with_several_prompts_and_the_openai_client(client: openai.OpenAI) -> None:
+    stream = client.completions.create(model=FAKE_MODEL_ID, prompt=["a", "b", "c"], temperature=0, max_tokens=40, stream=True)
+    texts: dict[int, str] = {}
+    finished: dict[int, str | None] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            finished[choice.index] = choice.finish_reason or finished.get(choice.index)
+    assert texts == {0: ALPHABET[1:], 1: ALPHABET[2:], 2: ALPHABET[3:]} and finished == {0: "stop", 1: "stop", 2: "stop"}
+
+
 def test_json_mode_turns_the_fake_alphabet_into_one_object(client: openai.OpenAI, http: httpx.Client) -> None:
     # The fake wants "abc...", which is not JSON; in JSON mode it writes "{", its favourite
     # whitespace up to the constraint's bound, then "}", and stops there.
@@ -272,10 +312,17 @@ def _engine(node: Node) -> Any:
     return served.chain.head
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
-def test_disconnect_mid_stream_frees_the_sequence(fake_node: Node, path: str) -> None:
-    body = {"model": FAKE_MODEL_ID, "ignore_eos": True, "stream": True, "max_tokens": 3000}
-    body.update({"messages": USER} if "chat" in path else {"prompt": "hi"})
+DISCONNECTS = [
+    # (path, the request's own fields, the sequences it decodes)
+    ("/v1/chat/completions", {"messages": USER}, 1),
+    ("/v1/completions", {"prompt": "hi"}, 1),
+    ("/v1/completions", {"prompt": ["a", "b", "c"]}, 3),  # one sequence a prompt: all freed
+]
+
+
+@pytest.mark.parametrize(("path", "fields", "sequences"), DISCONNECTS)
+def test_disconnect_mid_stream_frees_the_sequence(fake_node: Node, path: str, fields: dict[str, Any], sequences: int) -> None:
+    body = {"model": FAKE_MODEL_ID, "ignore_eos": True, "stream": True, "max_tokens": 3000, **fields}
     runner = fake_node.models.get(FAKE_MODEL_ID).runner
     with httpx.Client(base_url=fake_node.api_url, timeout=10) as http, http.stream("POST", path, json=body) as response:
         assert response.status_code == 200
@@ -284,16 +331,17 @@ def test_disconnect_mid_stream_frees_the_sequence(fake_node: Node, path: str) ->
             seen += line.startswith("data: ")
             if seen == 5:
                 break
-        assert runner.load == (1, 0)
+        assert runner.load == (sequences, 0)
     # the client closed its connection: within a second the sequence is released and nothing runs
     assert wait_for_idle(fake_node, FAKE_MODEL_ID, timeout=1.0) < 1.0
     assert _engine(fake_node).live == set()
 
 
-def test_disconnect_during_a_plain_request_frees_the_sequence(fake_node: Node) -> None:
+@pytest.mark.parametrize(("path", "fields", "sequences"), DISCONNECTS)
+def test_disconnect_during_a_plain_request_frees_the_sequence(fake_node: Node, path: str, fields: dict[str, Any], sequences: int) -> None:
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(fake_node.api_url + "/v1/chat/completions", json={**CHAT, "ignore_eos": True, "max_tokens": 3000}, timeout=0.3)
-    wait_for_idle(fake_node, FAKE_MODEL_ID, timeout=1.0)
+        httpx.post(fake_node.api_url + path, json={"model": FAKE_MODEL_ID, "ignore_eos": True, "max_tokens": 3000, **fields}, timeout=0.3)
+    assert wait_for_idle(fake_node, FAKE_MODEL_ID, timeout=1.0) < 1.0
     assert _engine(fake_node).live == set()
 
 
@@ -383,8 +431,13 @@ ERRORS: list[tuple[str, Any, int, str | None, str | None]] = [
     ("/v1/completions", {"model": M}, 400, "prompt", "missing_required_parameter"),
     ("/v1/completions", {"model": M, "prompt": 5}, 400, "prompt", "invalid_type"),
     ("/v1/completions", {"model": M, "prompt": []}, 400, "prompt", "invalid_value"),
-    ("/v1/completions", {"model": M, "prompt": ["a", "b"]}, 400, "prompt", "unsupported_value"),
-    ("/v1/completions", {"model": M, "prompt": [[1, 2], [3]]}, 400, "prompt", "unsupported_value"),
+    ("/v1/completions", {"model": M, "prompt": ["a", 5]}, 400, "prompt", "invalid_type"),
+    ("/v1/completions", {"model": M, "prompt": [[1, 2], 3]}, 400, "prompt", "invalid_type"),
+    ("/v1/completions", {"model": M, "prompt": ["a"] * 257}, 400, "prompt", "invalid_value"),
+    ("/v1/completions", {"model": M, "prompt": [[1, 2], []]}, 400, "prompt[1]", "invalid_value"),
+    ("/v1/completions", {"model": M, "prompt": [[1], [2, 999999]]}, 400, "prompt[1][1]", "invalid_value"),
+    ("/v1/completions", {"model": M, "prompt": ["a", LONG]}, 400, "prompt[1]", "context_length_exceeded"),
+    ("/v1/completions", {"model": M, "prompt": ["a", LONG], "stream": True}, 400, "prompt[1]", "context_length_exceeded"),
     ("/v1/completions", {"model": M, "prompt": [-1]}, 400, "prompt[0]", "invalid_value"),
     ("/v1/completions", {"model": M, "prompt": [1, 999999]}, 400, "prompt[1]", "invalid_value"),
     ("/v1/completions", {"model": M, "prompt": [[1, "a"]]}, 400, "prompt[0][1]", "invalid_type"),
@@ -500,6 +553,22 @@ def test_a_failing_engine_ends_the_stream_with_an_error_event(fake_node: Node, h
     assert data[0]["choices"][0]["delta"]["role"] == "assistant"
     assert data[-1]["error"]["type"] == "server_error" and "[DONE]" not in data
     response = http.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    monkeypatch.undo()
+    wait_for_idle(fake_node, FAKE_MODEL_ID)
+
+
+def test_a_failing_engine_ends_a_several_prompt_stream_with_an_error_event(fake_node: Node, http: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _engine(fake_node)
+
+    async def broken(batch: Any) -> Any:
+        raise RuntimeError("the fake engine broke")
+
+    monkeypatch.setattr(engine, "step", broken)
+    body = {"model": FAKE_MODEL_ID, "prompt": ["a", "b"], "max_tokens": 5}
+    data = events(http.post("/v1/completions", json={**body, "stream": True}))
+    assert data[-1]["error"]["type"] == "server_error" and "[DONE]" not in data
+    response = http.post("/v1/completions", json=body)
     assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
     monkeypatch.undo()
     wait_for_idle(fake_node, FAKE_MODEL_ID)
