@@ -248,7 +248,7 @@ class OpenAIFrontend:
             try:
                 self.models.check(gen_request)
             except RequestError as exc:
-                if exc.param == "messages":  # the scheduler's name for the prompt, in chat terms
+                if exc.param in ("messages", "prompt"):  # the scheduler's names for the prompt: this one
                     raise RequestError(str(exc), param=param, code=exc.code) from None
                 raise
             requests.append(gen_request)

@@ -275,6 +275,7 @@ BAD: list[tuple[str, Any, int, str | None, str | None]] = [
     ("/v1/chat/completions", {"model": MODEL, "messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, 400, "response_format.type", "unsupported_value"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]}, 400, "messages[0].content[0].type", "unsupported_value"),
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt", None),
+    ("/v1/completions", {"model": MODEL, "prompt": ["hello", ""]}, 400, "prompt[1]", None),  # SmolLM2 adds no BOS
     ("/v1/completions", {"model": MODEL, "prompt": [49152]}, 400, "prompt[0]", "invalid_value"),
     ("/v1/completions", {"model": MODEL, "prompt": "hello " * 2100}, 400, "prompt", "context_length_exceeded"),
     ("/v1/embeddings", {"model": MODEL, "input": "x", "dimensions": 64}, 400, "dimensions", "unsupported_parameter"),
