@@ -1064,6 +1064,8 @@ def _report(args: argparse.Namespace, samples: dict[str, Samples], info: dict[st
         "medians": med,
         "samples": {name: attrs.asdict(s) for name, s in samples.items()},
         "aggregate_vs_raw_batch": _ratio(skulk["aggregate"], raw["aggregate"]),
+        # the two decode targets in one unit: 1.2x the peer asks for this fraction of raw
+        "peer_decode_vs_raw": _ratio(peer["decode"], raw["decode"]),
         # decode and aggregate samples are one per round for each system, so they pair up by index
         "paired": {
             f"{metric}_vs_{against}": paired(samples, metric, "skulk", against)
@@ -1128,6 +1130,13 @@ def print_table(report: dict[str, Any]) -> None:
         mark = {True: "met", False: "MISSED", None: "n/a"}[target["met"]]
         value = "-" if target["value"] is None else f"{target['value']:.2f}"
         print(f"  {target['name']:<40} {value:>8}   target {target['target']:<8} {mark}")
+    peer_vs_raw = report["peer_decode_vs_raw"]
+    if peer_vs_raw is not None:
+        needed = TARGETS["decode_vs_peer"] * peer_vs_raw
+        print(
+            f"  the peer decoded at {peer_vs_raw:.2f}x raw: {TARGETS['decode_vs_peer']}x the peer is {needed:.2f}x raw "
+            f"in this run (skulk: {_fmt_ratio(_ratio(med['skulk']['decode'], med['raw']['decode']))})"
+        )
     info = report["info"]
     print(
         f"\nprompt tokens: skulk {info.get('skulk_prompt_tokens')}, peer {info.get('peer_prompt_tokens')}, "

@@ -127,3 +127,23 @@ def test_paired_ratios_take_each_rounds_own_ratio_and_skip_disturbed_rounds(serv
     # the round that ran fast on both sides (180/200) pairs to 0.9; the medians of each side give 95/100
     assert pair == {"median": 0.9, "min": 0.9, "max": 0.95, "rounds": 3}
     assert serving.paired({"skulk": serving.Samples(), "raw": serving.Samples()}, "decode", "skulk", "raw") is None
+
+
+def test_the_table_says_what_the_peer_target_asks_of_raw(serving, capsys) -> None:  # type: ignore[no-untyped-def]
+    import argparse
+
+    samples = {name: serving.Samples() for name in ("skulk", "peer", "raw")}
+    for name, decode in (("skulk", 190.0), ("peer", 160.0), ("raw", 200.0)):
+        samples[name].add("decode", decode, False)
+    args = argparse.Namespace(
+        threads=2, max_tokens=128, clients=8, runs=1, concurrent_runs=1, context=4096, same_prompt=False, client="lean", peer_flash_attn=False
+    )
+    report = serving._report(args, samples, {})
+    report["machine"] = {"load_average_before": 0.1, "load_average_after": 0.2, "cpus": 2, "seconds": 1.0, "waited_for_quiet_s": 0.0,
+                         "measurements_repeated": 0, "measurements_noisy": 0, "foreign_load_max": 0.0}
+    assert report["peer_decode_vs_raw"] == 0.8
+    serving.print_table(report)
+    out = capsys.readouterr().out
+    # 1.2x a peer at 0.8x raw is 0.96x raw, which 0.95x misses although it meets the raw target
+    assert "the peer decoded at 0.80x raw: 1.2x the peer is 0.96x raw in this run (skulk: 0.95x)" in out
+    assert "single-stream decode vs peer" in out and "MISSED" in out
