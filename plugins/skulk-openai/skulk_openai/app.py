@@ -14,7 +14,7 @@ import base64
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -141,18 +141,22 @@ class OpenAIFrontend:
             response_format=generation.response_format,
         )
 
-    async def _collect(self, gen_request: GenerationRequest) -> tuple[str, list[Any], GenerationChunk]:
-        texts: list[str] = []
-        tokens: list[Any] = []
-        last: GenerationChunk | None = None
-        async with aclosing(self.models.generate(gen_request)) as chunks:
-            async for chunk in chunks:
-                texts.append(chunk.text)
-                tokens.extend(chunk.tokens)
-                last = chunk
-        if last is None:  # the scheduler ended the stream without a last chunk
-            raise ModelNotReadyError(f"{gen_request.model} stopped before finishing the request; retry")
-        return "".join(texts), tokens, last
+    async def _collect(self, requests: Sequence[GenerationRequest]) -> list[tuple[str, list[Any], GenerationChunk]]:
+        """Each request's whole answer (text, tokens, last chunk), generated side by side."""
+        texts: list[list[str]] = [[] for _ in requests]
+        tokens: list[list[Any]] = [[] for _ in requests]
+        lasts: list[GenerationChunk | None] = [None] * len(requests)
+        async with aclosing(_merged([self.models.generate(r) for r in requests])) as chunks:
+            async for index, chunk in chunks:
+                texts[index].append(chunk.text)
+                tokens[index].extend(chunk.tokens)
+                lasts[index] = chunk
+        results = []
+        for request, text, generated, last in zip(requests, texts, tokens, lasts):
+            if last is None:  # the scheduler ended the stream without a last chunk
+                raise ModelNotReadyError(f"{request.model} stopped before finishing the request; retry")
+            results.append(("".join(text), generated, last))
+        return results
 
     @staticmethod
     def _streaming(events: AsyncIterator[bytes]) -> Response:
@@ -176,7 +180,7 @@ class OpenAIFrontend:
         meta = {"id": wire.new_id("chatcmpl-"), "created": int(time.time()), "model": served.id, "system_fingerprint": _fingerprint(served)}
         if generation.stream:
             return self._streaming(self._chat_events(gen_request, params, meta, tokens))
-        content, generated, last = await self._collect(gen_request)
+        [(content, generated, last)] = await self._collect([gen_request])
         logprobs = {"content": tokens.chat_content(generated), "refusal": None} if generation.logprobs else None
         return json_response(
             {
@@ -257,7 +261,7 @@ class OpenAIFrontend:
         meta = {"id": wire.new_id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": served.id, "system_fingerprint": _fingerprint(served)}
         if generation.stream:
             return self._streaming(self._completion_events(requests, params, meta, tokens, prefixes))
-        results = await _all(self._collect(r) for r in requests)
+        results = await self._collect(requests)
         choices = []
         for index, (prefix, (content, generated, last)) in enumerate(zip(prefixes, results)):
             logprobs = wire.LegacyLogprobs(tokens, len(prefix)).add(generated) if generation.logprobs else None
@@ -350,18 +354,6 @@ def _summed_usage(lasts: Iterable[GenerationChunk | None]) -> dict[str, int]:
     """One usage for several choices: their prompts' and their completions' tokens added up."""
     done = [last for last in lasts if last is not None]
     return wire.usage(sum(last.prompt_tokens for last in done), sum(last.completion_tokens for last in done))
-
-
-async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
-    """Await ``calls`` side by side (the scheduler batches their sequences); the first failure
-    cancels the others, so none is left generating for nobody."""
-    tasks = [asyncio.ensure_future(call) for call in calls]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)  # their sequences freed before we answer
 
 
 _END = object()
