@@ -63,7 +63,7 @@ from skulk_core.registry import (
     TransportRegistry,
 )
 from skulk_core.storage import LocalModel, ModelResolver, ReadyFiles
-from skulk_core.sampling import SampledToken, Sampler, SamplingParams, TokenLogprob
+from skulk_core.sampling import SampledToken, Sampler, SamplingParams, TokenLogprob, score_token
 from skulk_core.telemetry import ClusterEvent, MetricSample, TraceSpan
 from skulk_core.tensor import Tensor
 from skulk_core.threads import EngineThread, compute_thread, run_on_own_thread
@@ -76,7 +76,7 @@ __all__ = [
     "BackendRegistry", "BlockingStepEngine", "ByteStream", "ClusterEvent", "CommandRegistry", "Config", "ConfigError",
     "ConfigLoader", "ConfigSectionRegistry", "Connection", "DEFAULT_MODEL_ID", "DrawingEngine", "DuplicateNameError",
     "EmbeddingEngine", "Engine", "EngineThread", "GeneratedToken", "GenerationChunk", "GenerationRequest",
-    "InstanceLostError", "ModelNotFoundError", "ModelNotReadyError", "SampledToken", "Sampler", "SamplingParams", "TokenLogprob", "EngineOptions", "HttpRegistry", "HttpRequest", "HttpResponse", "LocalModel", "MetricSample",
+    "InstanceLostError", "ModelNotFoundError", "ModelNotReadyError", "SampledToken", "Sampler", "SamplingParams", "TokenLogprob", "score_token", "EngineOptions", "HttpRegistry", "HttpRequest", "HttpResponse", "LocalModel", "MetricSample",
     "ModelCard", "ModelError", "ModelFiles", "ModelResolver", "ModelSource", "NodeIdentity",
     "NodeResources", "NodeView", "PeerAnnouncement", "Placement", "PlacementError",
     "PlacementPreview", "PlacementRequest", "PluginError", "ProtocolError", "ReadyFiles",

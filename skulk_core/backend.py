@@ -82,6 +82,12 @@ class SequenceChunk:
     The first stage gets ``tokens``; later stages get ``hidden`` (shape ``(n, hidden_size)``), the
     previous stage's output for the same positions. ``position`` is where the chunk starts in the
     sequence; everything before it is already in the engine's KV cache for ``request_id``.
+
+    A prompt being scored (a client asked for its tokens' log-probabilities) has ``score_targets``:
+    the token that follows each of the chunk's first ``len(score_targets)`` positions. The last stage
+    then returns, for each of those positions, the target's log-probability and the ``score_top``
+    most likely tokens there (:func:`skulk_core.score_token` on that position's logits), in
+    :attr:`StageOutput.scores`.
     """
 
     request_id: str
@@ -89,6 +95,8 @@ class SequenceChunk:
     tokens: tuple[int, ...] | None = field(default=None, converter=lambda t: None if t is None else tuple(t))
     hidden: Tensor | None = None
     want_logits: bool = True  # the last stage returns logits for the chunk's last position
+    score_targets: tuple[int, ...] = field(default=(), converter=tuple)
+    score_top: int = 0
 
     @property
     def length(self) -> int:
@@ -104,12 +112,14 @@ class StageOutput:
     """What one stage produced for one chunk: ``hidden`` (not last stage) or ``logits`` (last).
 
     A chain whose last stage samples (see :mod:`skulk_core.instances`) gives ``sampled`` instead
-    of ``logits``: the token, drawn there by the request's own seeded sampler."""
+    of ``logits``: the token, drawn there by the request's own seeded sampler. ``scores`` answers
+    a chunk's ``score_targets``, one per target, in order."""
 
     request_id: str
     hidden: Tensor | None = None
     logits: np.ndarray | None = field(default=None, eq=False, repr=False)  # float32, (vocab_size,)
     sampled: SampledToken | None = None
+    scores: tuple[SampledToken, ...] = field(default=(), converter=tuple)
 
 
 @runtime_checkable
@@ -208,7 +218,7 @@ def draw_outputs(outputs: Sequence[StageOutput], samplers: Mapping[str, Sampler]
     for output in outputs:
         sampler = samplers.get(output.request_id) if output.logits is not None else None
         sampled = sampler.draw(output.logits) if sampler is not None else None
-        drawn.append(output if sampled is None else StageOutput(output.request_id, sampled=sampled))
+        drawn.append(output if sampled is None else StageOutput(output.request_id, sampled=sampled, scores=output.scores))
     return drawn
 
 

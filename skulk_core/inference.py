@@ -83,6 +83,9 @@ class GenerationRequest:
     request_id: str = field(factory=lambda: uuid.uuid4().hex)
     # "json_object": sampling keeps the text one JSON object and stops when it closes
     response_format: str = field(default="text", validator=_check_format)
+    # Score the prompt: each token's log-probability after the ones before it, with this many of the
+    # most likely tokens at its place (0-20); None: not scored. With max_tokens 0 nothing is generated.
+    prompt_logprobs: int | None = None
 
 
 @frozen
@@ -101,6 +104,8 @@ class GenerationChunk:
     prompt_tokens: int
     completion_tokens: int  # so far, including these
     finish_reason: str | None = None  # "stop" or "length" on the last chunk
+    # A scored prompt's tokens after its first, each with its log-probability: on the first chunk.
+    prompt_logprobs: tuple[GeneratedToken, ...] = ()
 
 
 class TextAssembler:
@@ -196,6 +201,7 @@ class _Live:
     finished: bool = False
     first_token_at: float | None = None
     started_at: float | None = None
+    scores: list[GeneratedToken] = field(factory=list)  # the prompt's, until the first chunk takes them
 
     @property
     def prefilling(self) -> bool:
@@ -252,12 +258,17 @@ class InstanceRunner:
                 param="messages",
                 code="context_length_exceeded",
             )
-        if request.max_tokens is not None and request.max_tokens < 1:
-            raise RequestError("max_tokens must be at least 1", param="max_tokens")
+        if request.max_tokens is not None and request.max_tokens < 0:
+            raise RequestError("max_tokens must not be negative", param="max_tokens")
+        if request.prompt_logprobs is not None and not 0 <= request.prompt_logprobs <= 20:
+            raise RequestError("prompt log-probabilities take 0 to 20 most likely tokens", param="logprobs")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream ``request``'s chunks; closing the iterator early frees the sequence."""
         self.check(request)
+        if request.max_tokens == 0 and request.prompt_logprobs is None:  # nothing to compute
+            yield GenerationChunk("", (), len(request.prompt), 0, "length")
+            return
         chunks = _Chunks()
         live = _Live(request, Sampler(request.sampling, self._constraint(request), logprobs=request.logprobs), TextAssembler(request.stop), chunks, time.monotonic())
         self._waiting.append(live)
@@ -343,11 +354,20 @@ class InstanceRunner:
                 budget -= 1
         for live in lane.values():
             if live.prefilling and budget > 0:
-                prompt = live.request.prompt
+                request = live.request
+                prompt = request.prompt
                 take = min(len(prompt) - live.position, max(budget, 1))
                 end = live.position + take
+                scored = request.prompt_logprobs is not None
                 batch.append(
-                    SequenceChunk(live.request.request_id, live.position, prompt[live.position : end], want_logits=end == len(prompt))
+                    SequenceChunk(
+                        request.request_id,
+                        live.position,
+                        prompt[live.position : end],
+                        want_logits=end == len(prompt) and request.max_tokens != 0,
+                        score_targets=prompt[live.position + 1 : end + 1] if scored else (),
+                        score_top=request.prompt_logprobs or 0,
+                    )
                 )
                 members.append(live)
                 budget -= take
@@ -371,14 +391,51 @@ class InstanceRunner:
         self.steps += 1
         for live, chunk, output in zip(members, batch, outputs):
             live.position += chunk.length
-            if live.prefilling or live.cancelled or (output.logits is None and output.sampled is None):
+            if chunk.score_targets and not self._take_scores(live, chunk, output):
                 continue
-            self._advance(live, output)
+            if live.prefilling or live.cancelled:
+                continue
+            if output.logits is not None or output.sampled is not None:
+                self._advance(live, output)
+            elif live.request.max_tokens == 0:  # a prompt scored, nothing to generate
+                self._finish(live, GenerationChunk("", (), len(live.request.prompt), 0, "length", self._prompt_scores(live)))
         for live in members:
             if live.finished and live.request.request_id in lane:
                 del lane[live.request.request_id]
                 live.send.close()
                 await self.chain.release(live.request.request_id)
+
+    def _take_scores(self, live: _Live, chunk: SequenceChunk, output: StageOutput) -> bool:
+        """Keep a scored prompt chunk's scores; False (the request failed) if the engine gave none."""
+        if len(output.scores) != len(chunk.score_targets):
+            self._fail(
+                live,
+                ModelError(
+                    f"the engine serving {self.model_id} returned {len(output.scores)} prompt scores for "
+                    f"{len(chunk.score_targets)} positions; its backend may not score prompts"
+                ),
+            )
+            return False
+        live.scores.extend(GeneratedToken(s.token_id, s.logprob, s.top) for s in output.scores)
+        return True
+
+    @staticmethod
+    def _prompt_scores(live: _Live) -> tuple[GeneratedToken, ...]:
+        """The prompt's scores, for the request's first chunk (none after it)."""
+        scores, live.scores = tuple(live.scores), []
+        return scores
+
+    def _fail(self, live: _Live, exc: SkulkError) -> None:
+        log.error("%s: %s", live.request.request_id, exc)
+        live.send.put(exc)
+        live.finished = True
+        live.send.close()
+
+    def _finish(self, live: _Live, chunk: GenerationChunk) -> None:
+        live.send.put(chunk)
+        live.finished = True
+        live.send.close()
+        self._report(live, time.monotonic())
 
     def _advance(self, live: _Live, output: StageOutput) -> None:
         request = live.request
@@ -391,10 +448,7 @@ class InstanceRunner:
             else:
                 sampled = live.sampler.sample(output.logits, want_logprobs=request.logprobs)
         except SkulkError as exc:  # this request cannot go on (its constraint allows no token)
-            log.error("%s: %s", request.request_id, exc)
-            live.send.put(exc)
-            live.finished = True
-            live.send.close()
+            self._fail(live, exc)
             return
         token = sampled.token_id
         live.completion += 1
@@ -421,12 +475,11 @@ class InstanceRunner:
                 finish = "length"
             if finish == "length":
                 text += live.text.flush()
-        chunk = GenerationChunk(text, emitted, len(request.prompt), live.completion, finish)
-        live.send.put(chunk)
+        chunk = GenerationChunk(text, emitted, len(request.prompt), live.completion, finish, self._prompt_scores(live) if live.scores else ())
         if finish is not None:
-            live.finished = True
-            live.send.close()
-            self._report(live, now)
+            self._finish(live, chunk)
+        else:
+            live.send.put(chunk)
 
     def _report(self, live: _Live, now: float) -> None:
         if self.node is None:

@@ -219,8 +219,8 @@ def _forward(step: StageForward, stage_index: int, batch: Sequence[SequenceChunk
 
 def _stage_output(output: WireOutput) -> StageOutput:
     if output.token is not None:
-        return StageOutput(output.request_id, sampled=SampledToken(output.token, output.logprob, output.top))
-    return StageOutput(output.request_id, logits=None if output.logits is None else output.logits.to_numpy())
+        return StageOutput(output.request_id, sampled=SampledToken(output.token, output.logprob, output.top), scores=output.scores)
+    return StageOutput(output.request_id, logits=None if output.logits is None else output.logits.to_numpy(), scores=output.scores)
 
 
 @define(eq=False)
@@ -633,12 +633,12 @@ class Instances:
             if spec.request_id not in local.samplers:
                 local.samplers[spec.request_id] = Sampler(spec.params, logprobs=spec.logprobs)
         if output.logits is None:
-            return WireOutput(output.request_id)
+            return WireOutput(output.request_id, scores=output.scores)
         sampler = local.samplers.get(output.request_id)
         if sampler is None:
-            return WireOutput(output.request_id, Tensor.from_numpy(output.logits))
+            return WireOutput(output.request_id, Tensor.from_numpy(output.logits), scores=output.scores)
         sampled = sampler.sample(output.logits, want_logprobs=sampler.logprobs)
-        return WireOutput(output.request_id, token=sampled.token_id, logprob=sampled.logprob, top=sampled.top)
+        return WireOutput(output.request_id, token=sampled.token_id, logprob=sampled.logprob, top=sampled.top, scores=output.scores)
 
     async def _on_stage_forward(self, peer_id: str, forward: StageForward) -> None:
         local = self.stages.get(forward.instance_id)

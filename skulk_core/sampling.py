@@ -74,6 +74,26 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.sum(np.exp(shifted)))
 
 
+def most_likely(logprobs: np.ndarray, k: int) -> tuple[TokenLogprob, ...]:
+    """The ``k`` most likely tokens of ``logprobs``, best first (the lower id first among equals)."""
+    if k <= 0:
+        return ()
+    k = min(k, logprobs.shape[0])
+    idx = np.argpartition(-logprobs, k - 1)[:k]
+    idx = idx[np.lexsort((idx, -logprobs[idx]))]
+    return tuple(TokenLogprob(int(i), float(logprobs[i])) for i in idx)
+
+
+def score_token(logits: np.ndarray, token_id: int, top: int = 0) -> SampledToken:
+    """How likely the model found ``token_id`` at the position whose ``logits`` these are: its
+    log-probability and the ``top`` most likely tokens there (prompt scoring, see
+    :class:`skulk_core.SequenceChunk`). The model's own distribution: no request's bias, penalty,
+    temperature or constraint applies to a prompt. ``logits`` may be a view of an engine's memory;
+    nothing of it is kept."""
+    logprobs = log_softmax(np.asarray(logits, dtype=np.float32))
+    return SampledToken(int(token_id), float(logprobs[token_id]), most_likely(logprobs, top))
+
+
 class Sampler:
     """Samples one request's tokens; holds its seeded generator and the counts for penalties."""
 
@@ -124,13 +144,7 @@ class Sampler:
         if not want_logprobs and not p.top_logprobs:
             return SampledToken(token, 0.0)
         logprobs = log_softmax(logits)
-        top: tuple[TokenLogprob, ...] = ()
-        if p.top_logprobs:
-            k = min(p.top_logprobs, logprobs.shape[0])
-            idx = np.argpartition(-logprobs, k - 1)[:k]
-            idx = idx[np.lexsort((idx, -logprobs[idx]))]
-            top = tuple(TokenLogprob(int(i), float(logprobs[i])) for i in idx)
-        return SampledToken(token, float(logprobs[token]), top)
+        return SampledToken(token, float(logprobs[token]), most_likely(logprobs, p.top_logprobs))
 
     @property
     def draws_ahead(self) -> bool:

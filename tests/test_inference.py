@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from skulk_core.backend import SequenceChunk, StageOutput
-from skulk_core.errors import RequestError
+from skulk_core.errors import ModelError, RequestError
 from skulk_core.inference import GenerationChunk, GenerationRequest, InstanceLostError, InstanceRunner, TextAssembler, _Chunks
 from skulk_core.pipeline import LocalChain
 from skulk_core.placement import ShardRange
-from skulk_core.sampling import Sampler, SamplingParams
+from skulk_core.sampling import Sampler, SamplingParams, log_softmax, score_token
 
 VOCAB = 64
 EOS = 0
@@ -45,9 +45,9 @@ class FakeTokenizer:
 
 class FakeEngine:
     """Deterministic logits: the next token after t is (t * 7 + position) % 26 + 1, EOS after
-    position ``eos_at``. Records every batch it is given."""
+    position ``eos_at``. Records every batch it is given. Scores prompts unless ``scores`` is off."""
 
-    def __init__(self, eos_at: int = 1000, delay: float = 0.0) -> None:
+    def __init__(self, eos_at: int = 1000, delay: float = 0.0, scores: bool = True) -> None:
         self.shard = ShardRange.whole(4)
         self.context_length = 64
         self.max_sequences = 4
@@ -57,6 +57,13 @@ class FakeEngine:
         self.batches: list[list[SequenceChunk]] = []
         self.cache: dict[str, int] = {}
         self.released: list[str] = []
+        self.scores = scores
+
+    def logits(self, token: int, end: int) -> np.ndarray:
+        """The logits after ``token`` at position ``end - 1``."""
+        logits = np.zeros(VOCAB, dtype=np.float32)
+        logits[EOS if end >= self.eos_at else (token * 7 + end) % 26 + 1] = 10.0
+        return logits
 
     async def step(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]:
         self.batches.append(list(batch))
@@ -67,10 +74,12 @@ class FakeEngine:
             assert self.cache.get(chunk.request_id, 0) == chunk.position, "positions must continue the cache"
             self.cache[chunk.request_id] = chunk.position + chunk.length
             end = chunk.position + chunk.length
-            logits = np.zeros(VOCAB, dtype=np.float32)
-            nxt = EOS if end >= self.eos_at else (chunk.tokens[-1] * 7 + end) % 26 + 1
-            logits[nxt] = 10.0
-            out.append(StageOutput(chunk.request_id, logits=logits if chunk.want_logits else None))
+            logits = self.logits(chunk.tokens[-1], end)
+            scores = [
+                score_token(self.logits(token, chunk.position + i + 1), target, chunk.score_top)
+                for i, (token, target) in enumerate(zip(chunk.tokens, chunk.score_targets))
+            ]
+            out.append(StageOutput(chunk.request_id, logits=logits if chunk.want_logits else None, scores=scores if self.scores else ()))
         return out
 
     async def release(self, request_id: str) -> None:
@@ -394,3 +403,67 @@ async def test_stopping_the_runner_ends_live_and_waiting_streams_with_instance_l
                     await anyio.sleep(0.01)
                 tg.cancel_scope.cancel()
     assert len(errors) == 2 and all("stopped serving" in str(e) for e in errors)
+
+
+async def scored(runner: InstanceRunner, request: GenerationRequest) -> list[GenerationChunk]:
+    return [chunk async for chunk in runner.generate(request)]
+
+
+@pytest.mark.anyio
+async def test_a_scored_prompt_has_every_token_after_the_first_scored_across_prefill_chunks() -> None:
+    engine = FakeEngine()
+    runner = make_runner(engine, prefill_budget=8)
+    prompt = "abcdefghijklmnopqrstuvwxyz"
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        chunks = await scored(runner, greedy(prompt, max_tokens=2, prompt_logprobs=2))
+        tg.cancel_scope.cancel()
+    ids = FakeTokenizer().encode(prompt)
+    # each prefill chunk asks for the token after each of its positions, the last one's within the prompt
+    first = [b[0] for b in engine.batches[:4]]
+    assert [c.score_targets for c in first] == [tuple(ids[1:9]), tuple(ids[9:17]), tuple(ids[17:25]), tuple(ids[25:26])]
+    assert all(c.score_top == 2 for c in first)
+    scores = chunks[0].prompt_logprobs
+    assert [s.token_id for s in scores] == ids[1:]
+    for position, score in enumerate(scores):  # the model's own log-probability of the next prompt token
+        expected = log_softmax(engine.logits(ids[position], position + 1))
+        assert score.logprob == pytest.approx(float(expected[ids[position + 1]]), abs=1e-5)
+        assert len(score.top) == 2 and score.top[0].logprob == pytest.approx(float(expected.max()), abs=1e-5)
+    assert all(not chunk.prompt_logprobs for chunk in chunks[1:])
+    assert (chunks[-1].completion_tokens, chunks[-1].finish_reason) == (2, "length")
+
+
+@pytest.mark.anyio
+async def test_max_tokens_zero_scores_the_prompt_alone_or_answers_at_once() -> None:
+    engine = FakeEngine()
+    runner = make_runner(engine)
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        [chunk] = await scored(runner, greedy("hello", max_tokens=0, prompt_logprobs=0))
+        assert (chunk.text, chunk.tokens, chunk.completion_tokens, chunk.finish_reason) == ("", (), 0, "length")
+        assert [s.token_id for s in chunk.prompt_logprobs] == FakeTokenizer().encode("ello") and all(not s.top for s in chunk.prompt_logprobs)
+        assert [c.want_logits for b in engine.batches for c in b] == [False]  # nothing is sampled
+        with anyio.fail_after(2):
+            while not engine.released:
+                await anyio.sleep(0.01)
+        steps = len(engine.batches)
+        [chunk] = await scored(runner, greedy("hello", max_tokens=0))  # nothing to compute: no step
+        assert (chunk.completion_tokens, chunk.finish_reason, chunk.prompt_logprobs) == (0, "length", ())
+        assert len(engine.batches) == steps
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_an_engine_that_does_not_score_fails_the_scored_request_clearly() -> None:
+    engine = FakeEngine(scores=False)
+    runner = make_runner(engine)
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        with pytest.raises(ModelError, match="returned 0 prompt scores for 2 positions"):
+            await scored(runner, greedy("abc", max_tokens=3, prompt_logprobs=1))
+        _, tokens, finish = await collect(runner, greedy("abc", max_tokens=3))  # unscored requests go on as before
+        assert (len(tokens), finish) == (3, "length")
+        with anyio.fail_after(2):
+            while runner.load != (0, 0) or engine.cache:
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()

@@ -10,7 +10,7 @@ from skulk_core.backend import SequenceChunk
 from skulk_core.cluster.state import ClusterState, LogEntry
 from skulk_core.inference import GenerationChunk, GenerationRequest
 from skulk_core.placement import NodeResources
-from skulk_core.sampling import SamplingParams, TokenLogprob
+from skulk_core.sampling import SampledToken, SamplingParams, TokenLogprob
 from skulk_core.tensor import Tensor
 from skulk_core.wire import message
 
@@ -145,13 +145,14 @@ class StageResult:
 @frozen
 class WireOutput:
     """One chunk's result from the last stage: its logits, or (for a request sampled there) the
-    token it sampled, with the log-probabilities asked for."""
+    token it sampled, with the log-probabilities asked for; and a scored prompt chunk's scores."""
 
     request_id: str
     logits: Tensor | None = None
     token: int | None = None
     logprob: float = 0.0
     top: tuple[TokenLogprob, ...] = field(converter=tuple, factory=tuple)
+    scores: tuple[SampledToken, ...] = field(converter=tuple, factory=tuple)
 
 
 @message("stage_release")
