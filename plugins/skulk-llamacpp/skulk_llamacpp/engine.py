@@ -36,6 +36,7 @@ from skulk_core import (
     ShardRange,
     StageOutput,
     compute_thread,
+    score_token,
 )
 
 from skulk_llamacpp.native import LoadedModel, take_problems, with_problems
@@ -53,6 +54,14 @@ _GGML_TYPES = {
 
 
 _Row = np.ndarray | SampledToken | None  # a chunk's logits, the token drawn from them, or nothing
+# A chunk checked by _plan: (position, tokens, want_logits, score_targets, score_top).
+_Plan = tuple[int, Sequence[int] | np.ndarray, bool, Sequence[int], int]
+_Scores = list[tuple[SampledToken, ...]]  # per chunk: its scored prompt positions, in order
+
+# Positions scored (their logits kept) in one llama_decode: llama.cpp keeps a row of logits for every
+# position asked for, so a 512-token scored chunk would hold 512 x vocabulary floats (96 MiB for a
+# 49k vocabulary); a scored prompt is decoded in slices of this many positions instead.
+_MAX_SCORED = 64
 
 # Chunks this short (decode steps) are checked and copied with plain Python, not numpy. Right after a
 # decode has streamed the weights through the caches, each numpy call costs 10-15x what it costs in a
@@ -204,56 +213,58 @@ class LlamaCppEngine:
             return []
         self._check_open()
         draws = [samplers.get(chunk.request_id) for chunk in batch] if samplers else None
-        rows = await self._thread.run(self._step, list(batch), draws)
+        rows, scores = await self._thread.run(self._step, list(batch), draws)
         return [
-            StageOutput(chunk.request_id, sampled=row) if isinstance(row, SampledToken) else StageOutput(chunk.request_id, logits=row)
-            for chunk, row in zip(batch, rows)
+            StageOutput(chunk.request_id, sampled=row, scores=scored)
+            if isinstance(row, SampledToken)
+            else StageOutput(chunk.request_id, logits=row, scores=scored)
+            for chunk, row, scored in zip(batch, rows, scores)
         ]
 
-    def _step(self, batch: list[SequenceChunk], draws: list[Sampler | None] | None = None) -> list[_Row]:
+    def _step(self, batch: list[SequenceChunk], draws: list[Sampler | None] | None = None) -> tuple[list[_Row], _Scores]:
         with self._lock:
             self._check_open()
             plan = self._plan(batch)
             rows: list[_Row] = [None] * len(batch)
+            scores: _Scores = [()] * len(batch)
             todo = list(range(len(batch)))  # chunks not decoded ahead: decoded now
             if self._ahead:
                 todo = [i for i in todo if not self._take_ahead(batch[i], draws[i] if draws else None, rows, i)]
             if todo:
-                decoded = self._run(
+                decoded, scored = self._run(
                     [batch[i].request_id for i in todo], [plan[i] for i in todo], [draws[i] for i in todo] if draws else None
                 )
-                for i, row in zip(todo, decoded):
+                for i, row, chunk_scores in zip(todo, decoded, scored):
                     rows[i] = row
+                    scores[i] = chunk_scores
             if draws and self._decodes_ahead:
                 ahead = self._next_steps(batch, plan, draws, rows)
                 if ahead:
                     # Queued behind this call, before the scheduler can ask for the step: the thread
                     # decodes it while the event loop streams this token and plans the next step.
                     self._thread.submit(self._decode_ahead, ahead)
-            return rows
+            return rows, scores
 
-    def _run(
-        self, request_ids: list[str], plan: list[tuple[int, Sequence[int] | np.ndarray, bool]], draws: list[Sampler | None] | None
-    ) -> list[_Row]:
+    def _run(self, request_ids: list[str], plan: list[_Plan], draws: list[Sampler | None] | None) -> tuple[list[_Row], _Scores]:
         """Decode ``plan`` (checked by :meth:`_plan`) for ``request_ids``, giving new ones a slot."""
         fresh = [request_id for request_id in request_ids if request_id not in self._slots]
         for request_id in fresh:
             self._slots[request_id] = heappop(self._free_slots)
         seq_ids = [self._slots[request_id] for request_id in request_ids]
         try:
-            for seq_id, (position, _, _) in zip(seq_ids, plan):
+            for seq_id, (position, *_) in zip(seq_ids, plan):
                 if position < self._lengths[seq_id]:  # the core rewound this sequence
                     self._rewind(seq_id, position)
-            logits = self._decode(seq_ids, plan, draws)
+            decoded = self._decode(seq_ids, plan, draws)
         except BaseException:
             for seq_id in seq_ids:
                 self._lengths[seq_id] = int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq_id)) + 1
             for request_id in fresh:
                 self._release(request_id)
             raise
-        for seq_id, (position, tokens, _) in zip(seq_ids, plan):
+        for seq_id, (position, tokens, *_) in zip(seq_ids, plan):
             self._lengths[seq_id] = position + len(tokens)
-        return logits
+        return decoded
 
     def _rewind(self, seq_id: int, position: int) -> None:
         if not llama_cpp.llama_memory_seq_rm(self._memory, seq_id, position, -1):
@@ -273,12 +284,12 @@ class LlamaCppEngine:
     # seeds stay reproducible.
 
     def _next_steps(
-        self, batch: list[SequenceChunk], plan: list[tuple[int, Sequence[int] | np.ndarray, bool]], draws: list[Sampler | None], rows: list[_Row]
+        self, batch: list[SequenceChunk], plan: list[_Plan], draws: list[Sampler | None], rows: list[_Row]
     ) -> list[tuple[str, int, int, Sampler]]:
         """(request id, position, token, sampler) of every next step worth decoding ahead: a token
         drawn here by a sampler that may draw ahead, not an end of generation, within the context."""
         steps = []
-        for chunk, (position, tokens, _), sampler, row in zip(batch, plan, draws, rows):
+        for chunk, (position, tokens, *_), sampler, row in zip(batch, plan, draws, rows):
             if sampler is None or not isinstance(row, SampledToken) or not sampler.draws_ahead:
                 continue
             next_position = position + len(tokens)
@@ -301,9 +312,9 @@ class LlamaCppEngine:
                 return
             checkpoints = [sampler.checkpoint() for _, _, _, sampler in steps]
             try:
-                rows = self._run(
+                rows, _ = self._run(
                     [request_id for request_id, _, _, _ in steps],
-                    [(position, (token,), True) for _, position, token, _ in steps],
+                    [(position, (token,), True, (), 0) for _, position, token, _ in steps],
                     [sampler for _, _, _, sampler in steps],
                 )
             except Exception:
@@ -336,8 +347,8 @@ class LlamaCppEngine:
         if seq_id is not None and self._lengths[seq_id] > position:
             self._rewind(seq_id, position)
 
-    def _plan(self, batch: list[SequenceChunk]) -> list[tuple[int, Sequence[int] | np.ndarray, bool]]:
-        """Check the whole step before anything changes: (position, tokens, want_logits) per chunk."""
+    def _plan(self, batch: list[SequenceChunk]) -> list[_Plan]:
+        """Check the whole step before anything changes: one :data:`_Plan` per chunk."""
         plan = []
         seen: set[str] = set()
         for chunk in batch:
@@ -375,12 +386,18 @@ class LlamaCppEngine:
                 ids = np.asarray(chunk.tokens, dtype=np.int64)
                 outside = ids[(ids < 0) | (ids >= self.vocab_size)].tolist()
                 tokens = ids.astype(np.int32)
+            targets = chunk.score_targets
+            if len(targets) > chunk.length:
+                raise BackendError(
+                    f"the chunk of request {request_id} has {len(targets)} score targets for {chunk.length} positions"
+                )
+            outside += [t for t in targets if not 0 <= t < self.vocab_size]
             if outside:
                 raise RequestError(
                     f"token id {outside[0]} of request {request_id} is outside the vocabulary (0 to {self.vocab_size - 1})",
                     param="prompt",
                 )
-            plan.append((chunk.position, tokens, chunk.want_logits))
+            plan.append((chunk.position, tokens, chunk.want_logits, targets, chunk.score_top))
         fresh = len(seen - self._slots.keys())
         if fresh > len(self._free_slots):
             raise BackendError(
@@ -390,36 +407,63 @@ class LlamaCppEngine:
             )
         return plan
 
-    def _decode(
-        self, seq_ids: list[int], plan: list[tuple[int, Sequence[int] | np.ndarray, bool]], draws: list[Sampler | None] | None
-    ) -> list[_Row]:
-        """Fill the llama_batch chunk after chunk, decoding whenever it is full and once at the end."""
+    def _decode(self, seq_ids: list[int], plan: list[_Plan], draws: list[Sampler | None] | None) -> tuple[list[_Row], _Scores]:
+        """Fill the llama_batch chunk after chunk, decoding whenever it is full (or holds
+        ``_MAX_SCORED`` scored positions) and once at the end."""
         batch = self._batch
         logits: list[_Row] = [None] * len(plan)
+        scores: list[list[SampledToken]] = [[] for _ in plan]
         pending: list[tuple[int, int]] = []  # (chunk index, batch row whose logits it wants)
+        scoring: list[tuple[int, int, int, int]] = []  # (chunk index, batch row, target token, top)
         batch.size = 0
-        for index, (seq_id, (position, tokens, want_logits)) in enumerate(zip(seq_ids, plan)):
+        for index, (seq_id, (position, tokens, want_logits, targets, top)) in enumerate(zip(seq_ids, plan)):
             done = 0
             while done < len(tokens):
                 take = min(len(tokens) - done, batch.capacity - batch.size)
+                if done < len(targets):
+                    if len(scoring) == _MAX_SCORED:
+                        self._run_batch(pending, scoring, logits, scores, draws)
+                        continue
+                    take = min(take, _MAX_SCORED - len(scoring))
+                first = batch.size
                 batch.add(tokens[done : done + take], position + done, seq_id)
+                for offset in range(min(take, len(targets) - done)):
+                    batch.outputs[first + offset] = 1
+                    scoring.append((index, first + offset, int(targets[done + offset]), top))
                 done += take
                 if done == len(tokens) and want_logits:
                     batch.outputs[batch.size - 1] = 1
                     pending.append((index, batch.size - 1))
                 if batch.size == batch.capacity:
-                    self._run_batch(pending, logits, draws)
+                    self._run_batch(pending, scoring, logits, scores, draws)
         if batch.size:
-            self._run_batch(pending, logits, draws)
-        return logits
+            self._run_batch(pending, scoring, logits, scores, draws)
+        return logits, [tuple(chunk_scores) for chunk_scores in scores]
 
-    def _run_batch(self, pending: list[tuple[int, int]], logits: list[_Row], draws: list[Sampler | None] | None) -> None:
+    def _row_view(self, row: int) -> np.ndarray:
+        """Batch row ``row``'s logits: a view of llama.cpp's buffer, valid until the next decode."""
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx, row)
+        if not pointer:
+            raise BackendError(with_problems(f"llama.cpp returned no logits for batch row {row}"))
+        return np.frombuffer(self._row_type.from_address(ctypes.addressof(pointer.contents)), dtype=np.float32)
+
+    def _run_batch(
+        self,
+        pending: list[tuple[int, int]],
+        scoring: list[tuple[int, int, int, int]],
+        logits: list[_Row],
+        scores: list[list[SampledToken]],
+        draws: list[Sampler | None] | None,
+    ) -> None:
         batch = self._batch
         batch.raw.n_tokens = batch.size
         take_problems()
         status = llama_cpp.llama_decode(self._ctx, batch.raw)
         if status != 0:
             raise BackendError(with_problems(f"llama_decode failed with status {status} on a batch of {batch.size} tokens"))
+        for index, row, target, top in scoring:
+            scores[index].append(score_token(self._row_view(row), target, top))
+        scoring.clear()
         for index, row in pending:
             pointer = llama_cpp.llama_get_logits_ith(self._ctx, row)
             if not pointer:

@@ -25,6 +25,7 @@ from skulk_core import (
     Tensor,
     Tokenizer,
     default_model_path,
+    score_token,
 )
 
 from skulk_llamacpp import LlamaCppBackend, LlamaCppSettings
@@ -429,3 +430,44 @@ def test_decoding_ahead_changes_no_seeded_token(engine: Engine, card: ModelCard)
         anyio.run(behind.close)
     assert _sampled_run(engine, prompts) == expected
     assert not engine._ahead  # type: ignore[attr-defined]
+
+
+def test_a_scored_prompt_gets_each_positions_log_probabilities(engine: Engine, small_batches: Engine) -> None:
+    # Over 64 positions, so the engine decodes the scored prompt in slices, and (n_batch 16) in
+    # batches that split it: every way gives what stepping the prompt one token at a time gives.
+    assert engine.tokenizer is not None
+    prompt = engine.tokenizer.encode("The history of the city goes back many centuries, to a village by the river. " * 4)
+    assert len(prompt) > 64
+    reference = []
+    for position, token in enumerate(prompt[:-1]):
+        (logits,) = step(engine, [SequenceChunk("one by one", position, (token,))])
+        assert logits is not None
+        reference.append(score_token(logits, prompt[position + 1], 3))
+    release(engine, "one by one")
+    (plain,) = step(engine, [SequenceChunk("plain", 0, prompt)])
+    for scorer in (engine, small_batches):
+        other = SequenceChunk("other", 0, prompt[:5])  # a sequence beside it in the same step
+        outputs = anyio.run(scorer.step, [other, SequenceChunk("scored", 0, prompt, score_targets=prompt[1:], score_top=3)])
+        release(scorer, "scored", "other")
+        assert outputs[0].scores == () and outputs[0].logits is not None
+        scores = outputs[1].scores
+        assert [s.token_id for s in scores] == prompt[1:]
+        np.testing.assert_allclose([s.logprob for s in scores], [r.logprob for r in reference], atol=2e-2)
+        assert [s.top[0].token_id for s in scores] == [r.top[0].token_id for r in reference]
+        assert all(len(s.top) == 3 and s.top[0].logprob >= s.logprob - 1e-6 for s in scores)
+        assert plain is not None and int(np.argmax(outputs[1].logits)) == int(np.argmax(plain))  # the last position's logits too
+    release(engine, "plain")
+    # scoring a prefix without logits, then the rest: the scheduler's chunks of one long prompt
+    first = anyio.run(engine.step, [SequenceChunk("halves", 0, prompt[:40], want_logits=False, score_targets=prompt[1:41])])
+    second = anyio.run(engine.step, [SequenceChunk("halves", 40, prompt[40:], score_targets=prompt[41:])])
+    release(engine, "halves")
+    assert first[0].logits is None and len(first[0].scores) == 40 and len(second[0].scores) == len(prompt) - 41
+    np.testing.assert_allclose([s.logprob for s in first[0].scores + second[0].scores], [r.logprob for r in reference], atol=2e-2)
+
+
+def test_score_targets_are_checked_before_anything_runs(engine: Engine) -> None:
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        anyio.run(engine.step, [SequenceChunk("bad target", 0, (1, 2), score_targets=(2, 10**7))])
+    with pytest.raises(BackendError, match="3 score targets for 2 positions"):
+        anyio.run(engine.step, [SequenceChunk("bad target", 0, (1, 2), score_targets=(2, 3, 4))])
+    assert engine.live_sequences == 0  # type: ignore[attr-defined]

@@ -27,6 +27,7 @@ from skulk_core import (
     EngineThread,
     ModelCard,
     RequestError,
+    SampledToken,
     Sampler,
     SequenceChunk,
     ShardRange,
@@ -34,6 +35,7 @@ from skulk_core import (
     Tensor,
     compute_thread,
     draw_outputs,
+    score_token,
 )
 
 from skulk_torch.graphs import DecodeSlots
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("skulk.torch")
 
 MIN_CACHE_CAPACITY = 256  # positions a new sequence's cache holds at first
+SCORED_ROWS = 64  # a scored prompt's positions whose logits are computed at once
 _HIDDEN_DTYPES = {"float32", "float16", "bfloat16"}
 
 
@@ -243,7 +246,21 @@ class TorchEngine:
             picked = model.logits(x[torch.from_numpy(ends[wanted]).to(self.device)]).cpu().numpy()
             for i, row in zip(wanted, picked):
                 logits[i] = row
-        return [StageOutput(chunk.request_id, logits=row) for chunk, row in zip(batch, logits)]
+        return [
+            StageOutput(chunk.request_id, logits=row, scores=self._scores(model, chunk, x, end + 1 - chunk.length))
+            for chunk, row, end in zip(batch, logits, ends)
+        ]
+
+    def _scores(self, model: StageModel, chunk: SequenceChunk, x: torch.Tensor, first: int) -> tuple[SampledToken, ...]:
+        """A scored prompt chunk's scores (see :class:`skulk_core.SequenceChunk`): the logits of its
+        first ``len(score_targets)`` rows (from row ``first`` of ``x``), a slice at a time."""
+        targets = chunk.score_targets
+        scores: list[SampledToken] = []
+        for start in range(0, len(targets), SCORED_ROWS):
+            part = targets[start : start + SCORED_ROWS]
+            rows = model.logits(x[first + start : first + start + len(part)]).float().cpu().numpy()
+            scores.extend(score_token(row, target, chunk.score_top) for row, target in zip(rows, part))
+        return tuple(scores)
 
     def _decoded(self, batch: list[SequenceChunk], rows: torch.Tensor) -> list[StageOutput]:
         """The outputs of a decode step's rows (one a chunk): logits or activations."""
@@ -255,7 +272,14 @@ class TorchEngine:
                 StageOutput(chunk.request_id, hidden=Tensor("float32", (1, values.shape[1]), values[i : i + 1].tobytes()))
                 for i, chunk in enumerate(batch)
             ]
-        return [StageOutput(chunk.request_id, logits=values[i] if chunk.want_logits else None) for i, chunk in enumerate(batch)]
+        return [
+            StageOutput(
+                chunk.request_id,
+                logits=values[i] if chunk.want_logits else None,
+                scores=tuple(score_token(values[i], target, chunk.score_top) for target in chunk.score_targets),
+            )
+            for i, chunk in enumerate(batch)
+        ]
 
     def _reserve(self, model: StageModel, request_id: str, needed: int) -> _Sequence:
         """The request's cache, created or grown to hold ``needed`` positions (a pool slot holds

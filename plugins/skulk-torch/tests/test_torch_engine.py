@@ -26,6 +26,7 @@ from skulk_core import (
 from skulk_core.pipeline import LocalChain
 
 from skulk_torch import TorchBackend, TorchSettings
+from skulk_torch.engine import SCORED_ROWS
 
 pytestmark = pytest.mark.slow  # loads a model
 
@@ -215,3 +216,25 @@ def test_int4_matrices_give_the_same_answers_in_a_sixth_of_the_bytes(card: Model
         assert full["head"] / 7 < held["head"] < full["head"] / 6
     finally:
         anyio.run(int4.close)
+
+
+def test_a_scored_prompt_scores_alike_in_one_chunk_token_by_token_and_over_stages(card: ModelCard, engine: Engine, prompts: list[list[int]]) -> None:
+    prompt = prompts[0] * 5  # over 64 positions: the logits are computed a slice at a time
+    assert len(prompt) > SCORED_ROWS
+    one_by_one = []
+    for position, token in enumerate(prompt[:-1]):  # a one-token chunk, scored: what a prefill split to the end gives
+        (out,) = anyio.run(engine.step, [SequenceChunk("by token", position, (token,), want_logits=False, score_targets=(prompt[position + 1],), score_top=2)])
+        assert out.logits is None
+        one_by_one += out.scores
+    anyio.run(engine.release, "by token")
+    (whole,) = anyio.run(engine.step, [SequenceChunk("whole", 0, prompt, score_targets=prompt[1:], score_top=2)])
+    anyio.run(engine.release, "whole")
+    assert [s.token_id for s in whole.scores] == prompt[1:] and whole.logits is not None
+    np.testing.assert_allclose([s.logprob for s in whole.scores], [s.logprob for s in one_by_one], atol=1e-3)
+    assert [[t.token_id for t in s.top] for s in whole.scores] == [[t.token_id for t in s.top] for s in one_by_one]
+    chain = LocalChain([_load(card, ShardRange(a, b, card.n_layers)) for a, b in ((0, 15), (15, 30))])
+    try:
+        (staged,) = anyio.run(chain.step, [SequenceChunk("staged", 0, prompt, score_targets=prompt[1:], score_top=2)])
+    finally:
+        anyio.run(chain.close)
+    np.testing.assert_allclose([s.logprob for s in staged.scores], [s.logprob for s in whole.scores], atol=1e-3)
