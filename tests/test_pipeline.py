@@ -98,6 +98,13 @@ def seeded(node: SkulkProcess, model: str = MODEL) -> tuple[str, list[tuple[int,
     return reply.choices[0].message.content or "", [tuple(b for t in c.top_logprobs for b in (t.bytes or [])) for c in content]
 
 
+def scored(node: SkulkProcess, model: str = MODEL) -> tuple[list[str], list[float | None]]:
+    """A prompt scored (echo, logprobs, max_tokens 0): its tokens and their log-probabilities."""
+    reply = call(node, "POST", "/v1/completions", {"model": model, "prompt": "Foxes live in dens and hunt at night.", "echo": True, "logprobs": 2, "max_tokens": 0})
+    logprobs = reply["choices"][0]["logprobs"]
+    return logprobs["tokens"], logprobs["token_logprobs"]
+
+
 def node_ids(nodes: Sequence[SkulkProcess]) -> dict[str, SkulkProcess]:
     return {n.get("/node_id"): n for n in nodes}  # type: ignore[misc]
 
@@ -113,7 +120,7 @@ def split_in_two(nodes: Sequence[SkulkProcess]) -> tuple[SkulkProcess, SkulkProc
 
 def test_split_one_two_and_three_ways_gives_the_same_greedy_tokens(skulk_process: Callable[..., SkulkProcess]) -> None:
     nodes = start_cluster(skulk_process, 3)
-    texts, sampled = {}, {}
+    texts, sampled, scores = {}, {}, {}
     for ways in (1, 2, 3):
         instance = place(nodes[0], MODEL, ways)
         assert len(instance["stages"]) == ways
@@ -127,6 +134,8 @@ def test_split_one_two_and_three_ways_gives_the_same_greedy_tokens(skulk_process
         # seeded sampling with log-probabilities: drawn at the last stage when split, at the head
         # when whole, with the same seed, so the same tokens and the same alternatives
         sampled[ways] = seeded(nodes[-1])
+        # a prompt's scores are computed at the last stage and travel back with the step
+        scores[ways] = scored(nodes[1])
         call(nodes[0], "DELETE", f"/instance/{instance['instance_id']}")
         nodes[0].wait_for(lambda: all(not n.get("/state")["instances"] for n in nodes), 20, "instance removed")  # type: ignore[index]
     assert texts[1] == texts[2] == texts[3], texts
@@ -137,6 +146,10 @@ def test_split_one_two_and_three_ways_gives_the_same_greedy_tokens(skulk_process
         assert "opened a direct link to stage" in node.log_text(), node.log_text()[-3000:]
     assert sampled[1] == sampled[2] == sampled[3], sampled
     assert sampled[1][0].strip() and len(sampled[1][1]) > 3
+    tokens, logprobs = scores[1]
+    assert len(tokens) > 5 and logprobs[0] is None and all(value < 0 for value in logprobs[1:])
+    for ways in (2, 3):
+        assert scores[ways][0] == tokens and scores[ways][1][1:] == pytest.approx(logprobs[1:], abs=1e-3), ways
 
 
 def test_a_model_over_one_nodes_memory_limit_is_placed_over_two(skulk_process: Callable[..., SkulkProcess], tmp_path: Path) -> None:

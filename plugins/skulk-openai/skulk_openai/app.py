@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from attrs import frozen
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, RequestEntityTooLarge
 
@@ -117,7 +118,7 @@ class OpenAIFrontend:
                     code="invalid_value",
                 )
 
-    def _request(self, generation: Generation, prompt: list[int] | tuple[int, ...]) -> GenerationRequest:
+    def _request(self, generation: Generation, prompt: list[int] | tuple[int, ...], prompt_logprobs: int | None = None) -> GenerationRequest:
         s = generation.sampling
         sampling = SamplingParams(
             temperature=s.temperature,
@@ -139,23 +140,26 @@ class OpenAIFrontend:
             ignore_eos=generation.ignore_eos,
             logprobs=generation.logprobs,
             response_format=generation.response_format,
+            prompt_logprobs=prompt_logprobs,
         )
 
-    async def _collect(self, requests: Sequence[GenerationRequest]) -> list[tuple[str, list[Any], GenerationChunk]]:
-        """Each request's whole answer (text, tokens, last chunk), generated side by side."""
+    async def _collect(self, requests: Sequence[GenerationRequest]) -> list[_Answer]:
+        """Each request's whole answer, generated side by side."""
         texts: list[list[str]] = [[] for _ in requests]
         tokens: list[list[Any]] = [[] for _ in requests]
+        scores: list[tuple[Any, ...]] = [() for _ in requests]
         lasts: list[GenerationChunk | None] = [None] * len(requests)
         async with aclosing(_merged([self.models.generate(r) for r in requests])) as chunks:
             async for index, chunk in chunks:
                 texts[index].append(chunk.text)
                 tokens[index].extend(chunk.tokens)
+                scores[index] = scores[index] or chunk.prompt_logprobs
                 lasts[index] = chunk
         results = []
-        for request, text, generated, last in zip(requests, texts, tokens, lasts):
+        for request, text, generated, scored, last in zip(requests, texts, tokens, scores, lasts):
             if last is None:  # the scheduler ended the stream without a last chunk
                 raise ModelNotReadyError(f"{request.model} stopped before finishing the request; retry")
-            results.append(("".join(text), generated, last))
+            results.append(_Answer("".join(text), generated, last, scored))
         return results
 
     @staticmethod
@@ -180,7 +184,8 @@ class OpenAIFrontend:
         meta = {"id": wire.new_id("chatcmpl-"), "created": int(time.time()), "model": served.id, "system_fingerprint": _fingerprint(served)}
         if generation.stream:
             return self._streaming(self._chat_events(gen_request, params, meta, tokens))
-        [(content, generated, last)] = await self._collect([gen_request])
+        [answer] = await self._collect([gen_request])
+        content, generated, last = answer.text, answer.tokens, answer.last
         logprobs = {"content": tokens.chat_content(generated), "refusal": None} if generation.logprobs else None
         return json_response(
             {
@@ -248,7 +253,7 @@ class OpenAIFrontend:
                 self._check_tokens(served, prompt, param)
                 ids = list(prompt)
                 echo = _detokenize(served, ids)
-            gen_request = self._request(generation, ids)
+            gen_request = self._request(generation, ids, params.prompt_logprobs)
             try:
                 self.models.check(gen_request)
             except RequestError as exc:
@@ -263,11 +268,16 @@ class OpenAIFrontend:
             return self._streaming(self._completion_events(requests, params, meta, tokens, prefixes))
         results = await self._collect(requests)
         choices = []
-        for index, (prefix, (content, generated, last)) in enumerate(zip(prefixes, results)):
-            logprobs = wire.LegacyLogprobs(tokens, len(prefix)).add(generated) if generation.logprobs else None
-            choices.append({"index": index, "text": prefix + content, "logprobs": logprobs, "finish_reason": last.finish_reason})
-        lasts = [last for _, _, last in results]
-        return json_response({**meta, "choices": choices, "usage": _summed_usage(lasts)})
+        for index, (request, prefix, answer) in enumerate(zip(requests, prefixes, results)):
+            logprobs = None
+            if generation.logprobs:
+                scored = params.prompt_logprobs is not None
+                legacy = wire.LegacyLogprobs(tokens, 0 if scored else len(prefix))
+                logprobs = legacy.add(answer.tokens) if not scored else wire.joined_legacy(
+                    legacy.prompt(request.prompt, answer.prompt_logprobs, prefix), legacy.add(answer.tokens)
+                )
+            choices.append({"index": index, "text": prefix + answer.text, "logprobs": logprobs, "finish_reason": answer.last.finish_reason})
+        return json_response({**meta, "choices": choices, "usage": _summed_usage([answer.last for answer in results])})
 
     async def _completion_events(
         self, requests: list[GenerationRequest], params: CompletionParams, meta: dict[str, Any], tokens: wire.TokenText, prefixes: list[str]
@@ -282,17 +292,23 @@ class OpenAIFrontend:
 
         contents = [wire.sse_with_text({**base, "choices": [{"index": i, "text": wire.TEXT_SLOT, "logprobs": None, "finish_reason": None}]}) for i in range(len(requests))]
 
-        if any(prefixes):
+        # A scored prompt is echoed with its scores, which come with its first piece.
+        scored = params.prompt_logprobs is not None
+        if any(prefixes) and not scored:
             for index, prefix in enumerate(prefixes):
                 yield chunk(index, prefix)
         else:
             yield wire.SSE_OPEN
-        legacy = [wire.LegacyLogprobs(tokens, len(prefix)) for prefix in prefixes]
+        legacy = [wire.LegacyLogprobs(tokens, 0 if scored else len(prefix)) for prefix in prefixes]
         lasts: list[GenerationChunk | None] = [None] * len(requests)
+        echoed = [not scored] * len(requests)
         try:
             streams = [self.models.generate(r) for r in requests]
             async with aclosing(_merged(streams)) as pieces:
                 async for index, piece in pieces:
+                    if not echoed[index]:
+                        echoed[index] = True
+                        yield chunk(index, prefixes[index], None, legacy[index].prompt(requests[index].prompt, piece.prompt_logprobs, prefixes[index]))
                     logprobs = legacy[index].add(piece.tokens) if generation.logprobs else None
                     if piece.finish_reason is not None:
                         lasts[index] = piece
@@ -348,6 +364,17 @@ class OpenAIFrontend:
             except SkulkError:  # not loaded yet, or headed by a node whose tokenizer is not here yet
                 pass
         return json_response(openapi_document([m.id for m in models], max(vocab, default=None)))
+
+
+@frozen
+class _Answer:
+    """One request's whole answer: its text, generated tokens and last chunk, and its prompt's
+    scores where it asked for them (see :attr:`GenerationRequest.prompt_logprobs`)."""
+
+    text: str
+    tokens: list[Any]
+    last: GenerationChunk
+    prompt_logprobs: tuple[Any, ...] = ()
 
 
 def _summed_usage(lasts: Iterable[GenerationChunk | None]) -> dict[str, int]:

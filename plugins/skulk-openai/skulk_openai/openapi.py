@@ -142,8 +142,13 @@ _COMPLETION_REQUEST = {
     "required": ["model", "prompt"],
     "properties": {
         **_SAMPLING,
-        "max_tokens": {"type": ["integer", "null"], "minimum": 1, "default": 16, "description": "Most tokens to generate (default 16, as OpenAI)."},
-        "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "max_tokens": {
+            "type": ["integer", "null"],
+            "minimum": 0,
+            "default": 16,
+            "description": "Most tokens to generate (default 16, as OpenAI). 0 only with echo: the prompt alone, scored with logprobs.",
+        },
+        "max_completion_tokens": {"type": ["integer", "null"], "minimum": 0},
         "prompt": {
             "anyOf": [
                 {"type": "string"},
@@ -153,7 +158,12 @@ _COMPLETION_REQUEST = {
             ],
             "description": "A prompt (a string, tokenized with the model's BOS if it wants one, or token ids), or an array of prompts: one choice each, decoded together.",
         },
-        "echo": {"type": ["boolean", "null"], "default": False, "description": "Prepend the prompt to the text; not with logprobs."},
+        "echo": {
+            "type": ["boolean", "null"],
+            "default": False,
+            "description": "Prepend the prompt to the text. With logprobs, the prompt's tokens are scored too: one entry each, "
+            "the first with null log-probabilities, each other with its log-probability after the tokens before it.",
+        },
         "logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 5, "description": "Return log-probabilities with this many alternatives."},
         "best_of": {"type": ["integer", "null"], "minimum": 1, "maximum": 1},
         "response_format": {
@@ -164,9 +174,9 @@ _COMPLETION_REQUEST = {
     },
     "allOf": [
         _STREAM_OPTIONS_NEED_STREAM,
-        {
-            "if": {"required": ["echo", "logprobs"], "properties": {"echo": {"const": True}, "logprobs": {"type": "integer"}}},
-            "then": False,
+        {  # max_tokens 0 needs echo: a prompt alone is an answer only when it is echoed (and scored)
+            "if": {"anyOf": [{"required": [key], "properties": {key: {"const": 0}}} for key in ("max_tokens", "max_completion_tokens")]},
+            "then": {"required": ["echo"], "properties": {"echo": {"const": True}}},
         },
     ],
 }

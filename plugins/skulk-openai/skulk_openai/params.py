@@ -186,6 +186,12 @@ class CompletionParams:
     batched: bool = False  # the prompt was an array of prompts: errors name prompt[i]
     echo: bool = False
 
+    @property
+    def prompt_logprobs(self) -> int | None:
+        """How many alternatives each prompt token's score lists (echo with logprobs); None: the
+        prompt is not scored."""
+        return self.generation.top_logprobs if self.echo and self.generation.logprobs else None
+
 
 @frozen
 class EmbeddingParams:
@@ -283,10 +289,10 @@ def _stream(f: Fields) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _max_tokens(f: Fields, default: int | None) -> int | None:
-    max_tokens = f.integer("max_tokens", default, 1)
+def _max_tokens(f: Fields, default: int | None, minimum: int = 1) -> int | None:
+    max_tokens = f.integer("max_tokens", default, minimum)
     # max_completion_tokens is the newer name; it wins when both are given.
-    return f.integer("max_completion_tokens", max_tokens, 1)
+    return f.integer("max_completion_tokens", max_tokens, minimum)
 
 
 def _text_of(content: object, param: str) -> str:
@@ -460,19 +466,14 @@ def parse_completion(body: object) -> CompletionParams:
     suffix = f.string("suffix")
     if suffix:
         raise RequestError("'suffix' (fill-in-the-middle) is not supported by this server.", param="suffix", code="unsupported_parameter")
-    echo = f.boolean("echo", False)
+    echo = f.boolean("echo", False)  # with logprobs: the prompt's tokens are scored too
     logprobs = f.integer("logprobs", None, 0, 5)
-    if echo and logprobs is not None:
-        raise RequestError(
-            "'echo' together with 'logprobs' is not supported: this server does not score prompt tokens.",
-            param="echo",
-            code="unsupported_value",
-        )
     stream, include_usage = _stream(f)
     generation = Generation(
         model=model,
         sampling=_sampling(f),
-        max_tokens=_max_tokens(f, 16),  # OpenAI's default for text completions
+        # OpenAI's default for text completions; 0 with echo: the prompt alone (scored, with logprobs)
+        max_tokens=_max_tokens(f, 16, 0 if echo else 1),
         stop=_stop(f),
         stream=stream,
         include_usage=include_usage,

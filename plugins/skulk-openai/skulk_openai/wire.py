@@ -7,7 +7,7 @@ import json
 import math
 import secrets
 import string
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from skulk_core import Tokenizer
@@ -97,7 +97,11 @@ class TokenText:
 class LegacyLogprobs:
     """One text completion's log-probabilities in the legacy format (tokens, token_logprobs,
     top_logprobs, text_offset), built chunk by chunk. Offsets are characters of the returned text,
-    counted the way the text itself is decoded (UTF-8, a broken byte as one replacement character)."""
+    counted the way the text itself is decoded (UTF-8, a broken byte as one replacement character).
+
+    Every token has its entry, control tokens too (a generated ``<|endoftext|>`` is listed, as
+    OpenAI lists it, at the offset where the text ends), so that a client can line the entries up
+    with the tokens it sent: a scored prompt's (:meth:`prompt`) and then one per generated token."""
 
     def __init__(self, tokens: TokenText, offset: int = 0) -> None:
         self.tokens = tokens
@@ -105,17 +109,53 @@ class LegacyLogprobs:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def add(self, generated: Iterable[Any]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for token in self.tokens.shown(generated):
-            out["tokens"].append(self.tokens.text(token.token_id))
-            out["token_logprobs"].append(_finite(token.logprob))
-            top: dict[str, float] = {}
-            for alt in token.top:
-                top.setdefault(self.tokens.text(alt.token_id), _finite(alt.logprob))
-            out["top_logprobs"].append(top)
-            out["text_offset"].append(self.offset)
-            self.offset += len(self._decoder.decode(self.tokens.raw(token.token_id)))
+        out = _legacy_entries()
+        for token in generated:
+            self._entry(out, token.token_id, _finite(token.logprob), self._top(token.top))
+            if not self.tokens.tokenizer.is_control(token.token_id):
+                self.offset += len(self._decoder.decode(self.tokens.raw(token.token_id)))
         return out
+
+    def prompt(self, prompt: Sequence[int], scores: Sequence[Any], echoed: str) -> dict[str, list[Any]]:
+        """The entries of a scored prompt, echoed as ``echoed``: one a prompt token, the first
+        without a log-probability (nothing comes before it), then ``scores`` (each token's, after
+        the ones before it). A control token's offset moves on only where the echoed text spells
+        it out (a BOS the tokenizer added is not in it)."""
+        out = _legacy_entries()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for index, token_id in enumerate(prompt):
+            score = scores[index - 1] if 0 < index <= len(scores) else None
+            if score is None:
+                self._entry(out, token_id, None, None)
+            else:
+                self._entry(out, token_id, _finite(score.logprob), self._top(score.top))
+            if not self.tokens.tokenizer.is_control(token_id):
+                self.offset += len(decoder.decode(self.tokens.raw(token_id)))
+            elif echoed.startswith(text := self.tokens.text(token_id), self.offset):
+                self.offset += len(text)
+        self.offset = len(echoed)  # the completion's offsets start where the echoed prompt ends
+        return out
+
+    def _top(self, alternatives: Iterable[Any]) -> dict[str, float]:
+        top: dict[str, float] = {}
+        for alt in alternatives:
+            top.setdefault(self.tokens.text(alt.token_id), _finite(alt.logprob))
+        return top
+
+    def _entry(self, out: dict[str, list[Any]], token_id: int, logprob: float | None, top: dict[str, float] | None) -> None:
+        out["tokens"].append(self.tokens.text(token_id))
+        out["token_logprobs"].append(logprob)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(self.offset)
+
+
+def _legacy_entries() -> dict[str, list[Any]]:
+    return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+
+def joined_legacy(first: dict[str, list[Any]], second: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Two runs of legacy log-probabilities as one (a scored prompt's, then its completion's)."""
+    return {key: first[key] + second[key] for key in first}
 
 
 def _reject_constant(name: str) -> None:

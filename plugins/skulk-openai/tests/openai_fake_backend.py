@@ -24,7 +24,7 @@ import anyio
 import numpy as np
 from attrs import field, frozen
 
-from skulk_core import BackendCapabilities, EngineOptions, ModelCard, ModelFiles, SequenceChunk, ShardRange, StageOutput, hookimpl
+from skulk_core import BackendCapabilities, EngineOptions, ModelCard, ModelFiles, SequenceChunk, ShardRange, StageOutput, hookimpl, score_token
 
 SPECIALS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<s>")
 IM_START, IM_END, ENDOFTEXT, BOS = 256, 257, 258, 259
@@ -118,7 +118,8 @@ class FakeEngine:
                 raise AssertionError(f"{chunk.request_id} overran the context")
             self.live.add(chunk.request_id)
             logits = fake_logits(chunk.tokens[-1]) if chunk.want_logits else None
-            outputs.append(StageOutput(chunk.request_id, logits=logits))
+            scores = [score_token(fake_logits(token), target, chunk.score_top) for token, target in zip(chunk.tokens, chunk.score_targets)]
+            outputs.append(StageOutput(chunk.request_id, logits=logits, scores=scores))
         return outputs
 
     async def release(self, request_id: str) -> None:

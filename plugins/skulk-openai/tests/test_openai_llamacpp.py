@@ -143,6 +143,27 @@ def test_completions_with_several_prompts(client: openai.OpenAI) -> None:
     assert texts == [a.choices[0].text for a in alone]
 
 
+def test_scoring_a_text_gives_the_log_probabilities_it_was_generated_with(llama_node: Node, client: openai.OpenAI) -> None:
+    # Generate greedily with logprobs, then score prompt + completion (echo, logprobs, max_tokens 0, as
+    # evaluation harnesses do): each completion token scores as it was drawn, and as the most likely.
+    prompt = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+    generated = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=6, logprobs=1, extra_body={"ignore_eos": True})
+    drawn = generated.choices[0].logprobs
+    completion = [llama_node.models.encode(MODEL, piece, add_special=False) for piece in drawn.tokens]
+    assert all(len(ids) == 1 for ids in completion)  # each listed piece is one token of this model
+    ids = prompt + [token for [token] in completion]
+    scored = client.completions.create(model=MODEL, prompt=ids, echo=True, logprobs=1, max_tokens=0)
+    choice = scored.choices[0]
+    assert choice.text == "The capital of France is" + generated.choices[0].text and choice.finish_reason == "length"
+    assert (scored.usage.prompt_tokens, scored.usage.completion_tokens) == (len(ids), 0)
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[len(prompt) :] == pytest.approx(drawn.token_logprobs, abs=0.05)
+    greedy = zip(lp.token_logprobs[len(prompt) :], lp.top_logprobs[len(prompt) :])
+    assert all(max(top.values()) == pytest.approx(value, abs=1e-6) for value, top in greedy)
+    assert all(value < 0 for value in lp.token_logprobs[1:])
+
+
 def test_models(client: openai.OpenAI, http: httpx.Client) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
     model = client.models.retrieve(MODEL)

@@ -22,9 +22,11 @@ import anyio
 import httpx
 import openai
 import pytest
+from openai_fake_backend import BOS, fake_logits
 from openai_testing import FAKE_MODEL_ID, start_fake_node, wait_for_idle, wait_until_ready
 
 from skulk_core.node import Node
+from skulk_core.sampling import log_softmax
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 USER = [{"role": "user", "content": "hi"}]
@@ -160,6 +162,66 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     assert all(len(top) == 2 and token in top for top, token in zip(lp.top_logprobs, lp.tokens))
     reply = client.completions.create(model=FAKE_MODEL_ID, prompt="hi:", temperature=0, max_tokens=2, logprobs=0)
     assert reply.choices[0].logprobs.top_logprobs == [{}, {}]
+
+
+def expected_score(previous: int, token: int) -> float:
+    """The fake model's log-probability of ``token`` right after ``previous``."""
+    return float(log_softmax(fake_logits(previous))[token])
+
+
+def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI) -> None:
+    # max_tokens 0: the prompt alone, each token after the first scored (what evaluation harnesses send)
+    reply = client.completions.create(model=FAKE_MODEL_ID, prompt=[[104, 58, 120]], echo=True, logprobs=2, max_tokens=0)
+    choice = reply.choices[0]
+    assert (choice.text, choice.finish_reason) == ("h:x", "length")
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (3, 0)
+    lp = choice.logprobs
+    assert lp.tokens == ["h", ":", "x"] and lp.text_offset == [0, 1, 2]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing comes before the first
+    assert lp.token_logprobs[1:] == pytest.approx([expected_score(104, 58), expected_score(58, 120)], abs=1e-5)
+    # after "h" the fake expects "i", after ":" an "a": the two most likely tokens are listed
+    assert [max(top, key=top.get) for top in lp.top_logprobs[1:]] == ["i", "a"] and all(len(top) == 2 for top in lp.top_logprobs[1:])
+    # then the completion goes on after the prompt's entries; a string prompt's BOS has its entry at 0
+    reply = client.completions.create(model=FAKE_MODEL_ID, prompt="h:", echo=True, logprobs=1, max_tokens=3, temperature=0)
+    lp = reply.choices[0].logprobs
+    assert reply.choices[0].text == "h:abc"
+    assert lp.tokens == ["<s>", "h", ":", "a", "b", "c"] and lp.text_offset == [0, 0, 1, 2, 3, 4]
+    assert lp.token_logprobs[0] is None and lp.token_logprobs[1:3] == pytest.approx([expected_score(BOS, 104), expected_score(104, 58)], abs=1e-5)
+    assert lp.token_logprobs[3:] == pytest.approx([expected_score(58, 97), expected_score(97, 98), expected_score(98, 99)], abs=1e-5)
+
+
+def test_prompt_loglikelihoods_as_lm_evaluation_harness_asks_for_them(http: httpx.Client) -> None:
+    # lm-evaluation-harness's local-completions: token prompts in a batch, echo, logprobs 1, max_tokens 1;
+    # it sums token_logprobs[ctxlen:-1] (the continuation) and checks each against its top_logprobs
+    # (context of 2 tokens, then the continuation: the fake itself would say "ab" after ":" and "y"
+    # after "x", but not "z" after "a")
+    prompts = [[104, 58, 97, 98], [119, 120, 121], [10, 97, 122, 97]]
+    body = {"model": FAKE_MODEL_ID, "prompt": prompts, "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+    reply = http.post("/v1/completions", json=body).json()
+    greedy = []
+    for choice, prompt in zip(sorted(reply["choices"], key=lambda c: c["index"]), prompts):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(prompt) + 1  # one a prompt token, one the generated token
+        continuation = lp["token_logprobs"][2:-1]
+        assert sum(continuation) == pytest.approx(sum(expected_score(a, b) for a, b in zip(prompt[1:], prompt[2:])), abs=1e-4)
+        greedy.append(all(token == max(top.values()) for token, top in zip(continuation, lp["top_logprobs"][2:-1])))
+    assert greedy == [True, True, False]
+    # a generated end of text is listed too, so the entries still line up with the tokens sent
+    reply = http.post("/v1/completions", json={**body, "prompt": [[121, 122]]}).json()
+    assert reply["choices"][0]["logprobs"]["tokens"] == ["y", "z", "<|im_end|>"] and reply["choices"][0]["text"] == "yz"
+
+
+def test_a_scored_prompt_streams_its_echo_with_its_scores(http: httpx.Client) -> None:
+    body = {"model": FAKE_MODEL_ID, "prompt": [[104, 58], [120]], "temperature": 0, "max_tokens": 2, "stream": True, "echo": True, "logprobs": 1}
+    data = events(http.post("/v1/completions", json=body))
+    assert data[-1] == "[DONE]"
+    for index, (prompt, text) in enumerate([([104, 58], "h:"), ([120], "x")]):
+        mine = [c["choices"][0] for c in data[:-1] if c["choices"][0]["index"] == index]
+        echo = mine[0]  # the echoed prompt comes first, with its tokens' scores
+        assert echo["text"] == text and echo["logprobs"]["tokens"] == [chr(t) for t in prompt]
+        assert echo["logprobs"]["token_logprobs"] == [None, *([pytest.approx(expected_score(104, 58), abs=1e-5)] if len(prompt) == 2 else [])]
+        assert "".join(c["text"] for c in mine) == text + ("ab" if index == 0 else "yz")
+        assert [o for c in mine for o in c["logprobs"]["text_offset"]] == list(range(len(prompt) + 2))
 
 
 def test_completion_stream(http: httpx.Client) -> None:
@@ -447,7 +509,8 @@ ERRORS: list[tuple[str, Any, int, str | None, str | None]] = [
     ("/v1/completions", {"model": M, "prompt": "x", "response_format": {"type": "json_schema"}}, 400, "response_format.type", "unsupported_value"),
     ("/v1/completions", {"model": M, "prompt": "x", "response_format": {"type": "yaml"}}, 400, "response_format.type", "invalid_value"),
     ("/v1/completions", {"model": M, "prompt": "x", "echo": "yes"}, 400, "echo", "invalid_type"),
-    ("/v1/completions", {"model": M, "prompt": "x", "echo": True, "logprobs": 1}, 400, "echo", "unsupported_value"),
+    ("/v1/completions", {"model": M, "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "integer_below_min_value"),
+    ("/v1/completions", {"model": M, "prompt": "x", "echo": True, "logprobs": 1, "max_tokens": -1}, 400, "max_tokens", "integer_below_min_value"),
     ("/v1/completions", {"model": M, "prompt": "x", "logprobs": 6}, 400, "logprobs", "integer_above_max_value"),
     ("/v1/completions", {"model": M, "prompt": "x", "logprobs": True}, 400, "logprobs", "invalid_type"),
     ("/v1/completions", {"model": M, "prompt": "x", "best_of": 2}, 400, "best_of", "unsupported_value"),
@@ -644,6 +707,8 @@ def test_openapi_document_describes_every_route(fake_node: Node, http: httpx.Cli
     chat = doc["components"]["schemas"]["ChatCompletionRequest"]
     assert chat["required"] == ["model", "messages"]
     assert chat["properties"]["temperature"]["maximum"] == 2 and chat["properties"]["top_logprobs"]["maximum"] == 20
+    completion = doc["components"]["schemas"]["CompletionRequest"]
+    assert completion["properties"]["max_tokens"]["minimum"] == 0 and "scored" in completion["properties"]["echo"]["description"]
     # the node's models are the examples of `model`, and token ids are bounded by their vocabulary
     assert doc["components"]["schemas"]["ModelId"]["examples"] == [FAKE_MODEL_ID]
     assert doc["components"]["schemas"]["TokenIds"]["items"]["maximum"] == 259
