@@ -644,13 +644,19 @@ class ModelServer:
         return served
 
     # -- tokens --------------------------------------------------------------------------------
-    def render_chat(self, model_id: str, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> str:
+    def special_tokens(self, model_id: str) -> tuple[str | None, str | None]:
+        """The text of the model's BOS and end-of-sequence tokens (None where it has none), as its
+        chat template and clients see them."""
         served = self.ready(model_id)
         tok = served.tokenizer
-        bos = tok.token_bytes(tok.bos_token_id).decode("utf-8", "replace") if tok.bos_token_id is not None else ""
+        bos = tok.token_bytes(tok.bos_token_id).decode("utf-8", "replace") if tok.bos_token_id is not None else None
         eos_id = next(iter(sorted(served.card.eos_token_ids or tok.eos_token_ids)), None)
-        eos = tok.token_bytes(eos_id).decode("utf-8", "replace") if eos_id is not None else ""
-        return render_chat(served.card.chat_template, messages, bos_token=bos, eos_token=eos, **kwargs)
+        eos = tok.token_bytes(eos_id).decode("utf-8", "replace") if eos_id is not None else None
+        return bos, eos
+
+    def render_chat(self, model_id: str, messages: Sequence[Mapping[str, Any]], **kwargs: Any) -> str:
+        bos, eos = self.special_tokens(model_id)
+        return render_chat(self.ready(model_id).card.chat_template, messages, bos_token=bos or "", eos_token=eos or "", **kwargs)
 
     def encode(self, model_id: str, text: str, *, add_special: bool = True) -> list[int]:
         return self.ready(model_id).tokenizer.encode(text, add_special=add_special, parse_special=True)

@@ -1,8 +1,9 @@
 """Skulk's OpenAI-compatible frontend: ``/v1/chat/completions``, ``/v1/completions``,
-``/v1/models``, ``/v1/embeddings`` and ``/openapi.json`` on the node's HTTP port.
+``/v1/models``, ``/v1/embeddings`` and ``/openapi.json`` on the node's HTTP port, and vLLM's
+``/tokenize``, ``/detokenize`` and ``/tokenizer_info``.
 
-The plugin mounts one Quart app, served by the node's Hypercorn server, at ``/v1`` and at
-``/openapi.json``. Quart is imported when the node starts its HTTP service, not when the plugin is
+The plugin mounts one Quart app, served by the node's Hypercorn server, at ``/v1``, at
+``/openapi.json`` and at the tokenizer's paths. Quart is imported when the node starts its HTTP service, not when the plugin is
 listed. See docs/openai.md.
 """
 
@@ -26,3 +27,5 @@ def skulk_register_http(registry: HttpRegistry, node: Node) -> None:
     app = create_app(node)
     registry.mount("/v1", app)
     registry.mount("/openapi.json", app)
+    for path in ("/tokenize", "/detokenize", "/tokenizer_info"):
+        registry.mount(path, app)

@@ -32,7 +32,9 @@ from skulk_openai.params import (
     Generation,
     parse_chat,
     parse_completion,
+    parse_detokenize,
     parse_embedding,
+    parse_tokenize,
     require_object,
 )
 
@@ -328,6 +330,55 @@ class OpenAIFrontend:
             yield wire.sse({**base, "choices": [], "usage": _summed_usage(lasts)})
         yield wire.SSE_DONE
 
+    # -- the tokenizer, as vLLM's server offers it (lm-evaluation-harness's remote tokenizer) ----
+
+    def _model_for_tokens(self, model: str | None) -> ServedModel:
+        """The model named, or without a name the node's one model."""
+        if model is not None:
+            return self.models.ready(model)
+        models = self.models.models()
+        if not models:
+            raise ModelNotReadyError("this node serves no model yet; retry in a moment")
+        if len(models) > 1:
+            raise RequestError(
+                f"this node serves several models ({', '.join(m.id for m in models)}); name one with 'model'", param="model", code="invalid_value"
+            )
+        return self.models.ready(models[0].id)
+
+    async def tokenize(self) -> Response:
+        params = parse_tokenize(await self._body())
+        served = self._model_for_tokens(params.model)
+        if params.prompt is not None:
+            text = params.prompt
+        else:
+            text = self.models.render_chat(served.id, params.messages or (), add_generation_prompt=params.add_generation_prompt)
+        tokens = self.models.encode(served.id, text, add_special=params.add_special_tokens)
+        return json_response({"count": len(tokens), "max_model_len": served.context_length, "tokens": tokens})
+
+    async def detokenize(self) -> Response:
+        model, tokens = parse_detokenize(await self._body())
+        served = self._model_for_tokens(model)
+        self._check_tokens(served, tokens, "tokens")
+        tok = served.tokenizer  # control tokens are spelled out, so that text and tokens round-trip
+        return json_response({"prompt": b"".join(tok.token_bytes(t) for t in tokens).decode("utf-8", "replace")})
+
+    async def tokenizer_info(self) -> Response:
+        model = request.args.get("model")
+        served = self._model_for_tokens(model or None)
+        bos, eos = self.models.special_tokens(served.id)
+        return json_response(
+            {
+                "model": served.id,
+                "tokenizer_class": "skulk",
+                "bos_token": bos,
+                "eos_token": eos,
+                "pad_token": None,
+                "chat_template": served.card.chat_template,
+                "model_max_length": served.context_length,
+                "vocab_size": served.tokenizer.vocab_size,
+            }
+        )
+
     async def list_models(self) -> Response:
         return json_response({"object": "list", "data": [_model_object(m) for m in self.models.models()]})
 
@@ -439,7 +490,8 @@ def _detokenize(served: ServedModel, tokens: list[int]) -> str:
 
 
 def create_app(node: Node) -> Quart:
-    """The app the plugin mounts at ``/v1`` and ``/openapi.json`` (the scope's path is left whole)."""
+    """The app the plugin mounts at ``/v1``, ``/openapi.json`` and the tokenizer's three paths (the
+    scope's path is left whole)."""
     app = Quart("skulk_openai")
     app.config.update(
         MAX_CONTENT_LENGTH=MAX_BODY,
@@ -456,6 +508,9 @@ def create_app(node: Node) -> Quart:
         ("/v1/models", "GET", api.list_models),
         ("/v1/models/<path:model_id>", "GET", api.get_model),
         ("/openapi.json", "GET", api.openapi),
+        ("/tokenize", "POST", api.tokenize),
+        ("/detokenize", "POST", api.detokenize),
+        ("/tokenizer_info", "GET", api.tokenizer_info),
     ]
     for path, method, view in routes:
         app.add_url_rule(path, endpoint=view.__name__, view_func=view, methods=[method])

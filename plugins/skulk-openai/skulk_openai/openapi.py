@@ -387,6 +387,48 @@ _HEALTH = {
 }
 
 
+_OPTIONAL_MODEL = {"anyOf": [_ref("ModelId"), {"type": "null"}], "description": "Needed only when the node serves several models."}
+
+_TOKENIZE_REQUEST = {
+    "type": "object",
+    "properties": {
+        "model": _OPTIONAL_MODEL,
+        "prompt": {"type": "string", "description": "Text to tokenize (special tokens such as <|im_end|> written in it are parsed)."},
+        "messages": {"type": "array", "items": _ref("ChatMessage"), "minItems": 1, "description": "A chat, rendered with the model's template first."},
+        "add_special_tokens": {"type": ["boolean", "null"], "description": "Add the model's BOS where it wants one (default true for a prompt, false for messages)."},
+        "add_generation_prompt": {"type": ["boolean", "null"], "default": True, "description": "Messages: end with the assistant's turn opening."},
+    },
+    "oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}],
+}
+
+_TOKENIZE = {
+    "type": "object",
+    "required": ["count", "max_model_len", "tokens"],
+    "properties": {"count": {"type": "integer"}, "max_model_len": {"type": "integer"}, "tokens": {"type": "array", "items": {"type": "integer"}}},
+}
+
+_DETOKENIZE_REQUEST = {
+    "type": "object",
+    "required": ["tokens"],
+    "properties": {"model": _OPTIONAL_MODEL, "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
+}
+
+_TOKENIZER_INFO = {
+    "type": "object",
+    "required": ["model", "eos_token", "bos_token", "chat_template", "model_max_length", "vocab_size"],
+    "properties": {
+        "model": {"type": "string"},
+        "tokenizer_class": {"type": "string"},
+        "bos_token": {"type": ["string", "null"]},
+        "eos_token": {"type": ["string", "null"]},
+        "pad_token": {"type": ["string", "null"]},
+        "chat_template": {"type": ["string", "null"]},
+        "model_max_length": {"type": "integer", "description": "Positions per sequence on this node."},
+        "vocab_size": {"type": "integer"},
+    },
+}
+
+
 def _event(chunk: str) -> dict[str, Any]:
     """One server-sent event of a stream (Open API 3.1 has ``schema`` describe each event): its data
     is a chunk, the error that ends a failed stream, or ``[DONE]``."""
@@ -451,6 +493,11 @@ def openapi_document(model_ids: Sequence[str] = (), vocab_size: int | None = Non
         "Usage": _USAGE,
         "Error": _ERROR,
         "Health": _HEALTH,
+        "TokenizeRequest": _TOKENIZE_REQUEST,
+        "Tokenize": _TOKENIZE,
+        "DetokenizeRequest": _DETOKENIZE_REQUEST,
+        "Detokenize": {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        "TokenizerInfo": _TOKENIZER_INFO,
     }
     model_parameter: dict[str, Any] = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
     if model_ids:
@@ -500,6 +547,30 @@ def openapi_document(model_ids: Sequence[str] = (), vocab_size: int | None = Non
                     "summary": "Liveness of the node and the status of its models; never needs an API key",
                     "security": [{}],
                     "responses": {"200": {"description": "The node is up.", "content": {JSON: {"schema": _ref("Health")}}}},
+                }
+            },
+            "/tokenize": {
+                "post": {
+                    "operationId": "tokenize",
+                    "summary": "Token ids of a prompt or a chat, as the model tokenizes them (vLLM's endpoint)",
+                    "requestBody": {"required": True, "content": {JSON: {"schema": _ref("TokenizeRequest")}}},
+                    "responses": {"200": {"description": "The tokens.", "content": {JSON: {"schema": _ref("Tokenize")}}}, **_errors(400, 401, 404, 408, 413, 500, 503)},
+                }
+            },
+            "/detokenize": {
+                "post": {
+                    "operationId": "detokenize",
+                    "summary": "The text of token ids, control tokens spelled out (vLLM's endpoint)",
+                    "requestBody": {"required": True, "content": {JSON: {"schema": _ref("DetokenizeRequest")}}},
+                    "responses": {"200": {"description": "The text.", "content": {JSON: {"schema": _ref("Detokenize")}}}, **_errors(400, 401, 404, 408, 413, 500, 503)},
+                }
+            },
+            "/tokenizer_info": {
+                "get": {
+                    "operationId": "tokenizerInfo",
+                    "summary": "The model's special tokens, chat template and lengths (vLLM's endpoint)",
+                    "parameters": [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "The tokenizer.", "content": {JSON: {"schema": _ref("TokenizerInfo")}}}, **_errors(400, 401, 404, 500, 503)},
                 }
             },
             "/openapi.json": {

@@ -485,6 +485,43 @@ def parse_completion(body: object) -> CompletionParams:
     return CompletionParams(generation, prompts, batched, echo)
 
 
+@frozen
+class TokenizeParams:
+    """``POST /tokenize``: a prompt, or chat messages rendered with the model's template."""
+
+    model: str | None  # None: the node's one model
+    prompt: str | None
+    messages: tuple[Mapping[str, Any], ...] | None
+    add_special_tokens: bool  # a prompt: the model's BOS, where it wants one; messages: the template's own
+    add_generation_prompt: bool
+
+
+def _optional_model(f: Fields) -> str | None:
+    return _model(f) if f.present("model") else None
+
+
+def parse_tokenize(body: object) -> TokenizeParams:
+    f = Fields(require_object(body))
+    model = _optional_model(f)
+    if f.present("prompt") == f.present("messages"):
+        raise invalid_value("prompt", "send either 'prompt' (a string) or 'messages' (a chat), not both and not neither.")
+    if f.present("prompt"):
+        prompt = f.string("prompt")
+        return TokenizeParams(model, prompt, None, f.boolean("add_special_tokens", True), False)
+    messages = tuple(_messages(f))
+    return TokenizeParams(model, None, messages, f.boolean("add_special_tokens", False), f.boolean("add_generation_prompt", True))
+
+
+def parse_detokenize(body: object) -> tuple[str | None, tuple[int, ...]]:
+    """``POST /detokenize``: (the model or None, the token ids; an empty list is allowed)."""
+    f = Fields(require_object(body))
+    model = _optional_model(f)
+    tokens = f.required("tokens")
+    if not isinstance(tokens, list):
+        raise invalid_type("tokens", "an array of token ids", tokens)
+    return model, _token_ids(tokens, "tokens") if tokens else ()
+
+
 def parse_embedding(body: object) -> EmbeddingParams:
     f = Fields(require_object(body))
     model = _model(f)

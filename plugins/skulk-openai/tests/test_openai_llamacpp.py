@@ -57,6 +57,14 @@ def test_chat_prompt_is_the_models_template_tokenized_as_hugging_face_does(llama
     assert reply.usage is not None and reply.usage.prompt_tokens == len(SMOLLM2_TOKENS)
 
 
+def test_the_tokenizer_endpoints_give_the_models_tokens(http: httpx.Client) -> None:
+    assert http.post("/tokenize", json={"messages": HI}).json()["tokens"] == SMOLLM2_TOKENS
+    assert http.post("/detokenize", json={"tokens": SMOLLM2_TOKENS}).json()["prompt"] == SMOLLM2_PROMPT
+    info = http.get("/tokenizer_info").json()
+    assert (info["model"], info["eos_token"], info["vocab_size"]) == (MODEL, "<|im_end|>", 49152)
+    assert http.post("/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"] == [2]
+
+
 def test_chat(client: openai.OpenAI) -> None:
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0, max_tokens=12)
     choice = reply.choices[0]

@@ -224,6 +224,35 @@ def test_a_scored_prompt_streams_its_echo_with_its_scores(http: httpx.Client) ->
         assert [o for c in mine for o in c["logprobs"]["text_offset"]] == list(range(len(prompt) + 2))
 
 
+def test_the_tokenizer_endpoints(http: httpx.Client) -> None:
+    # vLLM's /tokenize, /detokenize and /tokenizer_info, at the server's root
+    assert http.post("/tokenize", json={"prompt": "hi"}).json() == {"count": 3, "max_model_len": 4096, "tokens": [BOS, 104, 105]}
+    assert http.post("/tokenize", json={"model": FAKE_MODEL_ID, "prompt": "hi<|im_end|>", "add_special_tokens": False}).json()["tokens"] == [104, 105, 257]
+    chat = http.post("/tokenize", json={"messages": USER}).json()
+    assert chat["count"] == CHAT_PROMPT_TOKENS and chat["tokens"][0] == 256  # the template's own markers, no BOS
+    assert http.post("/tokenize", json={"messages": USER, "add_generation_prompt": False}).json()["count"] < CHAT_PROMPT_TOKENS
+    assert http.post("/detokenize", json={"tokens": [104, 105, 257]}).json() == {"prompt": "hi<|im_end|>"}
+    assert http.post("/detokenize", json={"tokens": []}).json() == {"prompt": ""}
+    info = http.get("/tokenizer_info").json()
+    assert (info["model"], info["bos_token"], info["eos_token"], info["model_max_length"], info["vocab_size"]) == (FAKE_MODEL_ID, "<s>", "<|im_end|>", 4096, 260)
+    assert "<|im_start|>" in info["chat_template"] and http.get(f"/tokenizer_info?model={FAKE_MODEL_ID}").json() == info
+
+
+def test_lm_evaluation_harness_finds_and_uses_the_remote_tokenizer(http: httpx.Client) -> None:
+    # what lm-evaluation-harness's check_remote_tokenizer_support and RemoteTokenizer ask, in order
+    info = http.get("/tokenizer_info").json()
+    assert isinstance(info, dict) and "eos_token" in info
+    assert isinstance(http.post("/tokenize", json={"prompt": "test", "add_special_tokens": False}).json().get("tokens"), list)
+    eos_token_id = http.post("/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"][0]
+    assert eos_token_id == 257
+    context = http.post("/tokenize", json={"prompt": "h:", "add_special_tokens": False}).json()["tokens"]
+    continuation = http.post("/tokenize", json={"prompt": "ab", "add_special_tokens": False}).json()["tokens"]
+    body = {"model": FAKE_MODEL_ID, "prompt": [context + continuation], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+    lp = http.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    assert sum(lp["token_logprobs"][len(context) : -1]) == pytest.approx(expected_score(58, 97) + expected_score(97, 98), abs=1e-4)
+    assert http.post("/detokenize", json={"tokens": context + continuation}).json()["prompt"] == "h:ab"
+
+
 def test_completion_stream(http: httpx.Client) -> None:
     response = http.post("/v1/completions", json={"model": FAKE_MODEL_ID, "prompt": "hi:", "temperature": 0, "max_tokens": 3, "stream": True, "logprobs": 1, "stream_options": {"include_usage": True}})
     assert response.text.startswith(": ok\n\n")  # headers and a first byte before any token
@@ -510,6 +539,17 @@ ERRORS: list[tuple[str, Any, int, str | None, str | None]] = [
     ("/v1/completions", {"model": M, "prompt": "x", "response_format": {"type": "yaml"}}, 400, "response_format.type", "invalid_value"),
     ("/v1/completions", {"model": M, "prompt": "x", "echo": "yes"}, 400, "echo", "invalid_type"),
     ("/v1/completions", {"model": M, "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "integer_below_min_value"),
+    ("/tokenize", {}, 400, "prompt", "invalid_value"),
+    ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, 400, "prompt", "invalid_value"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt", "invalid_type"),
+    ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model", "model_not_found"),
+    ("/tokenize", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", "invalid_value"),
+    ("/tokenize", [1], 400, None, "invalid_type"),
+    ("/tokenize", b"{", 400, None, "invalid_json"),
+    ("/detokenize", {}, 400, "tokens", "missing_required_parameter"),
+    ("/detokenize", {"tokens": "hi"}, 400, "tokens", "invalid_type"),
+    ("/detokenize", {"tokens": [1, -2]}, 400, "tokens[1]", "invalid_value"),
+    ("/detokenize", {"tokens": [1, 999999]}, 400, "tokens[1]", "invalid_value"),
     ("/v1/completions", {"model": M, "prompt": "x", "echo": True, "logprobs": 1, "max_tokens": -1}, 400, "max_tokens", "integer_below_min_value"),
     ("/v1/completions", {"model": M, "prompt": "x", "logprobs": 6}, 400, "logprobs", "integer_above_max_value"),
     ("/v1/completions", {"model": M, "prompt": "x", "logprobs": True}, 400, "logprobs", "invalid_type"),
