@@ -188,6 +188,9 @@ def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI) -> None:
     assert lp.tokens == ["<s>", "h", ":", "a", "b", "c"] and lp.text_offset == [0, 0, 1, 2, 3, 4]
     assert lp.token_logprobs[0] is None and lp.token_logprobs[1:3] == pytest.approx([expected_score(BOS, 104), expected_score(104, 58)], abs=1e-5)
     assert lp.token_logprobs[3:] == pytest.approx([expected_score(58, 97), expected_score(97, 98), expected_score(98, 99)], abs=1e-5)
+    # echo without logprobs and max_tokens 0: the prompt back, nothing computed
+    reply = client.completions.create(model=FAKE_MODEL_ID, prompt="hi:", echo=True, max_tokens=0)
+    assert (reply.choices[0].text, reply.choices[0].finish_reason, reply.choices[0].logprobs, reply.usage.completion_tokens) == ("hi:", "length", None, 0)
 
 
 def test_prompt_loglikelihoods_as_lm_evaluation_harness_asks_for_them(http: httpx.Client) -> None:
