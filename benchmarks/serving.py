@@ -479,7 +479,7 @@ class PeerServer:
 
     name = "peer"
 
-    def __init__(self, workdir: Path, model: Path, threads: int, context: int, flash_attn: bool = False) -> None:
+    def __init__(self, workdir: Path, model: Path, threads: int, context: int, flash_attn: bool = False, extra: Sequence[str] = ()) -> None:
         self.port = find_free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "peer.log"
@@ -493,6 +493,7 @@ class PeerServer:
             "--interrupt_requests", "False",
             # Its own default is off; --peer-flash-attn gives it the kernels skulk uses by default.
             "--flash_attn", str(flash_attn),
+            *extra,
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -1199,6 +1200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_tokens < 2 or args.clients < 1 or args.runs < 1 or args.threads < 1:
         parser.error("--max-tokens must be at least 2; --clients, --runs and --threads at least 1")
+    return run_and_report(args, run, print_table)
+
+
+def run_and_report(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict[str, Any]], table: Callable[[dict[str, Any]], None]) -> int:
+    """A benchmark's main after its options: check the environment, ``run``, print the report as
+    JSON (``--json``) or as ``table`` prints it."""
     check_environment()
     # SIGTERM (a timeout, a CI runner) unwinds like Ctrl-C, so run()'s finally stops both servers.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -1207,7 +1214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         json.dump(report, sys.stdout, indent=2)
         print()
     else:
-        print_table(report)
+        table(report)
     return 0
 
 
