@@ -37,7 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving import MODEL_ID, PeerServer, RawEngine, SkulkServer, run_and_report  # noqa: E402
 
 TEXT = "The history of the city goes back many centuries, to a small village by the river. "
-AGREE = 0.05  # log-probabilities this close to raw's count as the same (batched kernels round apart)
+# Log-probabilities this close to raw's count as the same: llama.cpp's matrix kernels depend on how
+# a step is split into micro-batches, and the same position scores up to 0.21 apart between a
+# 64-row slice and rows one at a time. A score read from the wrong position is off by nats.
+AGREE = 0.25
 
 
 def score_request(url: str, text: str, timeout: float = 900.0) -> tuple[float, dict[str, Any]]:

@@ -30,6 +30,7 @@ def test_compare_tells_right_scores_from_shifted_and_missing_ones(scoring) -> No
     reference = [-0.5, -2.0, -0.1, -7.0]
     right = {"token_logprobs": [None, -0.51, -2.02, -0.1, -7.0, -1.0]}  # the generated token's entry at the end
     assert scoring.compare(reference, right) == {"positions": 4, "max_abs_diff": 0.02, "within": 4, "agree": True}
+    assert scoring.compare(reference, {"token_logprobs": [None, -0.7, -2.0, -0.1, -7.0]})["agree"] is True  # kernel noise
     shifted = {"token_logprobs": [None, -2.0, -0.1, -7.0, -0.3, -1.0]}  # each token scored one position late
     check = scoring.compare(reference, shifted)
     assert not check["agree"] and check["within"] == 0 and check["max_abs_diff"] == 6.9
@@ -54,6 +55,6 @@ def test_the_table_prints_the_ratio_and_the_verdicts(scoring, capsys: pytest.Cap
     scoring.print_table(report)
     out = capsys.readouterr().out
     assert "skulk scores 9.55x as fast as the peer, at 1.02x raw's speed" in out
-    assert "skulk: agrees with raw (720 of 720 positions within 0.05)" in out
-    assert "peer: does NOT agree with raw (0 of 720 positions within 0.05)" in out
+    assert "skulk: agrees with raw (720 of 720 positions within 0.25)" in out
+    assert "peer: does NOT agree with raw (0 of 720 positions within 0.25)" in out
     assert "skulk HTTP 200, peer HTTP 500" in out

@@ -166,7 +166,9 @@ def test_scoring_a_text_gives_the_log_probabilities_it_was_generated_with(llama_
     assert (scored.usage.prompt_tokens, scored.usage.completion_tokens) == (len(ids), 0)
     lp = choice.logprobs
     assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
-    assert lp.token_logprobs[len(prompt) :] == pytest.approx(drawn.token_logprobs, abs=0.05)
+    # (a prompt's rows go through llama.cpp's batched kernels, a generated token's through its
+    # one-row ones: they differ by up to ~0.2)
+    assert lp.token_logprobs[len(prompt) :] == pytest.approx(drawn.token_logprobs, abs=0.3)
     greedy = zip(lp.token_logprobs[len(prompt) :], lp.top_logprobs[len(prompt) :])
     assert all(max(top.values()) == pytest.approx(value, abs=1e-6) for value, top in greedy)
     assert all(value < 0 for value in lp.token_logprobs[1:])
