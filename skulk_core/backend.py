@@ -223,6 +223,22 @@ def draw_outputs(outputs: Sequence[StageOutput], samplers: Mapping[str, Sampler]
 
 
 @runtime_checkable
+class PrefixCachingEngine(Protocol):
+    """Optionally implemented by a whole-model engine: it keeps a released request's KV cache
+    (while it has room), so that a new request whose prompt begins the same way starts from it. A
+    chat's next turn repeats the conversation so far; several questions share an instruction.
+
+    The engine must know which tokens each kept cache holds. It evicts kept caches (the least
+    recently used first) only when a new request needs their room."""
+
+    async def reuse(self, request_id: str, prompt: Sequence[int]) -> int:
+        """Give ``request_id``, new to the engine, the kept cache that shares the longest start
+        with ``prompt``, cut back to that start, and return its length: how many of ``prompt``'s
+        positions are in the cache already, at most ``len(prompt) - 1`` (the last position is
+        computed for its logits). 0, and nothing taken, when no kept cache begins like ``prompt``."""
+
+
+@runtime_checkable
 class EmbeddingEngine(Protocol):
     """Optionally implemented by whole-model engines whose backend declares ``embeddings``."""
 

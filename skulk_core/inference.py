@@ -106,6 +106,7 @@ class GenerationChunk:
     finish_reason: str | None = None  # "stop" or "length" on the last chunk
     # A scored prompt's tokens after its first, each with its log-probability: on the first chunk.
     prompt_logprobs: tuple[GeneratedToken, ...] = ()
+    cached_tokens: int = 0  # of prompt_tokens, those an earlier request's kept cache already held
 
 
 class TextAssembler:
@@ -202,6 +203,7 @@ class _Live:
     first_token_at: float | None = None
     started_at: float | None = None
     scores: list[GeneratedToken] = field(factory=list)  # the prompt's, until the first chunk takes them
+    cached: int = 0  # prompt positions taken from a kept cache (PrefixCachingEngine)
 
     @property
     def prefilling(self) -> bool:
@@ -308,7 +310,8 @@ class InstanceRunner:
                     lane.clear()
                 self._waiting.clear()
 
-    def _admit(self, lane: dict[str, _Live]) -> None:
+    def _admit(self, lane: dict[str, _Live]) -> list[_Live]:
+        admitted = []
         per_lane = math.ceil(self.max_sequences / len(self._lanes))
         while self._waiting and len(lane) < per_lane and sum(len(other) for other in self._lanes) < self.max_sequences:
             if len(lane) > min(len(other) for other in self._lanes):
@@ -318,6 +321,19 @@ class InstanceRunner:
                 continue
             live.started_at = time.monotonic()
             lane[live.request.request_id] = live
+            admitted.append(live)
+        return admitted
+
+    async def _reuse(self, live: _Live) -> None:
+        """Start ``live``'s prefill after the part of its prompt a kept cache holds. Not for a scored
+        prompt, whose every position must be computed for its scores."""
+        request = live.request
+        if request.prompt_logprobs is not None or len(request.prompt) < 2:
+            return
+        try:
+            live.cached = live.position = await self.chain.reuse(request.request_id, request.prompt)
+        except Exception:  # the prefill then starts at 0, which rewinds whatever was taken
+            log.exception("reusing a kept cache for %s failed; prefilling the whole prompt", request.request_id)
 
     async def _run_lane(self, lane: dict[str, _Live]) -> None:
         while True:
@@ -325,7 +341,8 @@ class InstanceRunner:
             if any(live.cancelled for live in lane.values()):
                 await self._reap_cancelled(lane)
             if self._waiting:
-                self._admit(lane)
+                for live in self._admit(lane):
+                    await self._reuse(live)
             if not lane:
                 wake = self._wake
                 if wake.is_set():
@@ -398,7 +415,7 @@ class InstanceRunner:
             if output.logits is not None or output.sampled is not None:
                 self._advance(live, output)
             elif live.request.max_tokens == 0:  # a prompt scored, nothing to generate
-                self._finish(live, GenerationChunk("", (), len(live.request.prompt), 0, "length", self._prompt_scores(live)))
+                self._finish(live, GenerationChunk("", (), len(live.request.prompt), 0, "length", self._prompt_scores(live), live.cached))
         for live in members:
             if live.finished and live.request.request_id in lane:
                 del lane[live.request.request_id]
@@ -475,7 +492,9 @@ class InstanceRunner:
                 finish = "length"
             if finish == "length":
                 text += live.text.flush()
-        chunk = GenerationChunk(text, emitted, len(request.prompt), live.completion, finish, self._prompt_scores(live) if live.scores else ())
+        chunk = GenerationChunk(
+            text, emitted, len(request.prompt), live.completion, finish, self._prompt_scores(live) if live.scores else (), live.cached
+        )
         if finish is not None:
             self._finish(live, chunk)
         else:
@@ -490,6 +509,7 @@ class InstanceRunner:
         attributes = {
             "model": self.model_id,
             "prompt_tokens": len(request.prompt),
+            "cached_tokens": live.cached,
             "completion_tokens": live.completion,
             "queue_s": round((live.started_at or now) - live.queued_at, 6),
             "ttft_s": round((live.first_token_at or now) - live.queued_at, 6),

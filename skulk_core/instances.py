@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from attrs import define, evolve, field
 
-from skulk_core.backend import BlockingStepEngine, DrawingEngine, Engine, EngineOptions, SequenceChunk, StageOutput, Tokenizer, step_thread
+from skulk_core.backend import BlockingStepEngine, DrawingEngine, Engine, EngineOptions, PrefixCachingEngine, SequenceChunk, StageOutput, Tokenizer, step_thread
 from skulk_core.cluster.messages import (
     Command,
     CommandReply,
@@ -200,6 +200,15 @@ class DistributedChain:
             self._sampled_remotely.add(chunk.request_id)
             started.append(RemoteSampling(chunk.request_id, sampler.resolved_params, sampler.logprobs))
         return tuple(started)
+
+    async def reuse(self, request_id: str, prompt: Sequence[int]) -> int:
+        """A kept cache for ``request_id`` where the instance is this node's one engine, which keeps
+        them (a pipeline's stages would all have to keep the same one: they do not)."""
+        head = self.head
+        if len(self.stages) > 1 or not isinstance(head, PrefixCachingEngine):
+            return 0
+        async with self.stage.lock:
+            return await head.reuse(request_id, prompt)
 
     async def release(self, request_id: str) -> None:
         self._sampled_remotely.discard(request_id)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 import anyio
 from attrs import evolve
 
-from skulk_core.backend import Engine, SequenceChunk, StageOutput
+from skulk_core.backend import Engine, PrefixCachingEngine, SequenceChunk, StageOutput
 from skulk_core.errors import BackendError
 
 if TYPE_CHECKING:
@@ -29,6 +29,10 @@ class StageChain(Protocol):
         of logits, which then never cross the network."""
 
     async def release(self, request_id: str) -> None: ...
+
+    async def reuse(self, request_id: str, prompt: Sequence[int]) -> int:
+        """Positions of ``prompt`` already cached for ``request_id`` from an earlier request
+        (:class:`skulk_core.PrefixCachingEngine`); 0 where the chain cannot reuse caches."""
 
     async def close(self) -> None: ...
 
@@ -65,6 +69,14 @@ class LocalChain:
     async def release(self, request_id: str) -> None:
         for engine in self.engines:
             await engine.release(request_id)
+
+    async def reuse(self, request_id: str, prompt: Sequence[int]) -> int:
+        """A kept cache for ``request_id`` where the chain is one engine that keeps them."""
+        engine = self.engines[0]
+        if len(self.engines) > 1 or not isinstance(engine, PrefixCachingEngine):
+            return 0
+        async with self.lock:
+            return await engine.reuse(request_id, prompt)
 
     async def close(self) -> None:
         with anyio.CancelScope(shield=True):

@@ -467,3 +467,63 @@ async def test_an_engine_that_does_not_score_fails_the_scored_request_clearly() 
             while runner.load != (0, 0) or engine.cache:
                 await anyio.sleep(0.01)
         tg.cancel_scope.cancel()
+
+
+class FakeCachingEngine(FakeEngine):
+    """A FakeEngine that keeps a released request's tokens and lends them to a new request whose
+    prompt begins the same way (skulk_core.PrefixCachingEngine)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens: dict[str, list[int]] = {}
+        self.kept: list[list[int]] = []
+
+    async def step(self, batch: Sequence[SequenceChunk]) -> list[StageOutput]:
+        for chunk in batch:
+            known = self.tokens.setdefault(chunk.request_id, [])
+            known[chunk.position :] = chunk.tokens or ()
+        return await super().step(batch)
+
+    async def release(self, request_id: str) -> None:
+        if request_id in self.tokens:
+            self.kept.append(self.tokens.pop(request_id))
+        await super().release(request_id)
+
+    async def reuse(self, request_id: str, prompt: Sequence[int]) -> int:
+        def common(kept: list[int]) -> int:
+            n = 0
+            while n < min(len(kept), len(prompt) - 1) and kept[n] == prompt[n]:
+                n += 1
+            return n
+
+        best = max(range(len(self.kept)), key=lambda i: common(self.kept[i]), default=None)
+        if best is None or common(self.kept[best]) == 0:
+            return 0
+        length = common(self.kept[best])
+        self.tokens[request_id] = self.kept.pop(best)[:length]
+        self.cache[request_id] = length
+        return length
+
+
+@pytest.mark.anyio
+async def test_a_prompt_that_begins_like_a_finished_one_starts_after_the_kept_part() -> None:
+    engine = FakeCachingEngine()
+    runner = make_runner(engine)
+    plain = FakeEngine()
+    reference = make_runner(plain)
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        await tg.start(reference.run)
+        await collect(runner, greedy("abcdefgh", max_tokens=3))
+        chunks = await scored(runner, greedy("abcdefghxyz", max_tokens=4))
+        # its prefill began at position 8: the first request's prompt was kept (and its answer, which differs)
+        first = next(c for b in engine.batches for c in b if c.position > 0 and len(c.tokens or ()) == 3)
+        assert (first.position, first.tokens) == (8, tuple(FakeTokenizer().encode("xyz")))
+        assert chunks[-1].cached_tokens == 8 and chunks[-1].prompt_tokens == 11
+        # and it answered as a request prefilled from the start does
+        assert "".join(c.text for c in chunks) == (await collect(reference, greedy("abcdefghxyz", max_tokens=4)))[0]
+        # a scored prompt is computed whole, for its scores
+        steps = len(engine.batches)
+        scored_chunks = await scored(runner, greedy("abcdefghxyz", max_tokens=1, prompt_logprobs=0))
+        assert engine.batches[steps][0].position == 0 and scored_chunks[-1].cached_tokens == 0
+        tg.cancel_scope.cancel()
