@@ -7,6 +7,11 @@ context keeps a separate KV stream per slot (``kv_unified`` off), each ``context
 long, so one sequence's attention never sees another's cache and a greedy decode gives the same
 tokens alone or batched.
 
+A released request's sequence keeps its cache (``prompt_cache``): the engine knows the tokens in
+every sequence, so a new request whose prompt begins with a kept sequence's tokens takes that
+sequence, cut back to where they part (:class:`skulk_core.PrefixCachingEngine`). A kept sequence is
+evicted, the least recently kept first, when a new request finds no free one.
+
 Embeddings come from a second, small context created on first use (``embeddings`` on, one
 sequence), so generation is never disturbed.
 """
@@ -191,6 +196,10 @@ class LlamaCppEngine:
         self._free_slots = list(range(self.max_sequences))
         heapify(self._free_slots)  # the lowest free id first, so a run is repeatable
         self._lengths = [0] * self.max_sequences  # positions cached per sequence id
+        # Per sequence id, tokens its cache holds: always a prefix of them (after a failed step,
+        # perhaps shorter than the cache), so that a kept sequence is reused only where it is known.
+        self._tokens: list[list[int]] = [[] for _ in range(self.max_sequences)]
+        self._kept: dict[int, None] = {}  # released sequences whose caches are kept, oldest first
         self._decodes_ahead = settings.decodes_ahead(self.threads)
         self._ahead: dict[str, _Ahead] = {}  # request id -> its next step, decoded already
         self._eos = frozenset(self.tokenizer.eos_token_ids)
@@ -249,7 +258,7 @@ class LlamaCppEngine:
         """Decode ``plan`` (checked by :meth:`_plan`) for ``request_ids``, giving new ones a slot."""
         fresh = [request_id for request_id in request_ids if request_id not in self._slots]
         for request_id in fresh:
-            self._slots[request_id] = heappop(self._free_slots)
+            self._slots[request_id] = self._free_slot()
         seq_ids = [self._slots[request_id] for request_id in request_ids]
         try:
             for seq_id, (position, *_) in zip(seq_ids, plan):
@@ -257,19 +266,79 @@ class LlamaCppEngine:
                     self._rewind(seq_id, position)
             decoded = self._decode(seq_ids, plan, draws)
         except BaseException:
-            for seq_id in seq_ids:
+            for seq_id, (position, *_) in zip(seq_ids, plan):
                 self._lengths[seq_id] = int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq_id)) + 1
+                del self._tokens[seq_id][position:]  # what the failed step wrote is not known
             for request_id in fresh:
-                self._release(request_id)
+                self._release(request_id, keep=False)
             raise
         for seq_id, (position, tokens, *_) in zip(seq_ids, plan):
             self._lengths[seq_id] = position + len(tokens)
+            known = self._tokens[seq_id]
+            if position <= len(known):
+                del known[position:]
+                known.extend(tokens.tolist() if isinstance(tokens, np.ndarray) else tokens)
         return decoded
 
     def _rewind(self, seq_id: int, position: int) -> None:
         if not llama_cpp.llama_memory_seq_rm(self._memory, seq_id, position, -1):
             raise BackendError(f"llama.cpp could not rewind sequence {seq_id} to position {position}")
         self._lengths[seq_id] = position
+        del self._tokens[seq_id][position:]
+
+    # -- kept caches -------------------------------------------------------------------------
+
+    def _free_slot(self) -> int:
+        """A sequence id for a new request: a free one (the lowest, so a run is repeatable), else
+        the least recently kept one, emptied."""
+        if self._free_slots:
+            return heappop(self._free_slots)
+        seq_id = next(iter(self._kept))
+        del self._kept[seq_id]
+        self._clear(seq_id)
+        return seq_id
+
+    def _clear(self, seq_id: int) -> None:
+        if self._ctx:
+            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+        self._lengths[seq_id] = 0
+        self._tokens[seq_id].clear()
+
+    async def reuse(self, request_id: str, prompt: Sequence[int]) -> int:
+        """:class:`skulk_core.PrefixCachingEngine`: give ``request_id`` the kept sequence whose
+        tokens begin ``prompt`` for longest (the most recently kept among equals), cut back there;
+        only one that shares at least half of its tokens, so that another conversation's cache is
+        not cut for the few tokens they share."""
+        if not self._kept or request_id in self._slots:
+            return 0
+        return await self._thread.run(self._reuse_locked, request_id, list(prompt))
+
+    def _reuse_locked(self, request_id: str, prompt: list[int]) -> int:
+        with self._lock:
+            if not self._ctx or request_id in self._slots:
+                return 0
+            limit = len(prompt) - 1  # the last position is computed for its logits
+            best, best_length = None, 0
+            for seq_id in reversed(self._kept):
+                known = self._tokens[seq_id]
+                length = _common_prefix(known, prompt, min(limit, len(known), self._lengths[seq_id]))
+                # Taking a cache cuts what follows the shared part: only for at least half of it (a
+                # conversation going on, or its last turn asked again), not for another
+                # conversation that merely begins with the same system prompt.
+                if length > best_length and 2 * length >= len(known):
+                    best, best_length = seq_id, length
+            if best is None:
+                return 0
+            del self._kept[best]
+            self._slots[request_id] = best
+            if self._lengths[best] > best_length:
+                self._rewind(best, best_length)
+            return best_length
+
+    @property
+    def kept_sequences(self) -> int:
+        """Released sequences whose caches are kept for a later request."""
+        return len(self._kept)
 
     # -- decoding ahead ----------------------------------------------------------------------
     #
@@ -399,7 +468,7 @@ class LlamaCppEngine:
                 )
             plan.append((chunk.position, tokens, chunk.want_logits, targets, chunk.score_top))
         fresh = len(seen - self._slots.keys())
-        if fresh > len(self._free_slots):
+        if fresh > len(self._free_slots) + len(self._kept):
             raise BackendError(
                 f"the llamacpp engine holds at most {self.max_sequences} sequences and {len(self._slots)} are in "
                 f"use; this step needs {fresh} more. Release finished requests first, or load the model with a "
@@ -493,14 +562,16 @@ class LlamaCppEngine:
         with self._lock:
             self._release(request_id)
 
-    def _release(self, request_id: str) -> None:
+    def _release(self, request_id: str, *, keep: bool = True) -> None:
+        """Free ``request_id``'s sequence; with ``prompt_cache`` its cache is kept for a later request."""
         self._ahead.pop(request_id, None)
         seq_id = self._slots.pop(request_id, None)
         if seq_id is None:
             return
-        if self._ctx:
-            llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-        self._lengths[seq_id] = 0
+        if keep and self.settings.prompt_cache and self._ctx and self._tokens[seq_id]:
+            self._kept[seq_id] = None  # the most recently kept, last
+            return
+        self._clear(seq_id)
         heappush(self._free_slots, seq_id)
 
     @property
@@ -585,8 +656,23 @@ class LlamaCppEngine:
                 self._ctx = None
             self._batch.free()
             self._slots.clear()
+            self._kept.clear()
             self._ahead.clear()
             self._model.free()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many of the first ``limit`` items ``a`` and ``b`` share from their start."""
+    if limit <= 0:
+        return 0
+    if limit > _SHORT:
+        x = np.asarray(a[:limit], dtype=np.int64)
+        differ = np.flatnonzero(x != np.asarray(b[:limit], dtype=np.int64))
+        return int(differ[0]) if differ.size else limit
+    for index in range(limit):
+        if a[index] != b[index]:
+            return index
+    return limit
 
 
 def load_engine(card: ModelCard, files: ModelFiles, shard: ShardRange, options: EngineOptions) -> LlamaCppEngine:

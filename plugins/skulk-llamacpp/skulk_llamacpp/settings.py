@@ -68,6 +68,10 @@ class LlamaCppSettings:
       threads wait for each other. A step that turns out not to be wanted (the request stopped)
       costs one decode; greedy and seeded output is unchanged. ``true`` and ``false`` (also YAML's
       ``on`` and ``off``) mean ``always`` and ``never``.
+    - ``prompt_cache``: keep a finished request's KV cache in its sequence slot, and start a new
+      request whose prompt begins the same way from it (a chat's next turn repeats the conversation
+      so far), as llama.cpp's server does. Kept caches take no memory beyond the context's own and
+      are evicted, least recently used first, when a new request needs their slot. On by default.
     """
 
     n_batch: int = field(default=512, validator=_at_least_one)
@@ -75,6 +79,7 @@ class LlamaCppSettings:
     use_mmap: bool = True
     kv_cache_type: str = field(default="f16", validator=_kv_cache_type)
     decode_ahead: str | bool = field(default="auto", converter=_decode_ahead_mode, validator=_decode_ahead)
+    prompt_cache: bool = True
 
     def decodes_ahead(self, threads: int, cpus: int | None = None) -> bool:
         """Whether an engine with ``threads`` llama.cpp threads decodes ahead, on ``cpus`` CPUs

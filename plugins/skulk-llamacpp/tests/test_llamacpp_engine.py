@@ -475,3 +475,44 @@ def test_score_targets_are_checked_before_anything_runs(engine: Engine) -> None:
     with pytest.raises(BackendError, match="3 score targets for 2 positions"):
         anyio.run(engine.step, [SequenceChunk("bad target", 0, (1, 2), score_targets=(2, 3, 4))])
     assert engine.live_sequences == 0  # type: ignore[attr-defined]
+
+
+def test_a_released_cache_is_kept_and_a_prompt_that_begins_the_same_reuses_it(card: ModelCard) -> None:
+    engine = _load(card)  # its own engine: the count of kept caches starts at none
+    other = _load(card, prompt_cache=False)
+    try:
+        assert engine.tokenizer is not None
+        turn = engine.tokenizer.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+        answer = greedy_alone(engine, "first", turn, 6)  # released at the end: kept
+        assert engine.kept_sequences == 1 and engine.live_sequences == 0  # type: ignore[attr-defined]
+        follow_up = turn + answer + engine.tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnd of Italy?<|im_end|>\n<|im_start|>assistant\n")
+        # an unrelated prompt takes nothing, nor one that shares only the start of the turn: that
+        # would cut the conversation kept there
+        assert anyio.run(engine.reuse, "stranger", engine.tokenizer.encode("Once upon a time")) == 0  # type: ignore[attr-defined]
+        other_chat = engine.tokenizer.encode("<|im_start|>user\nWhat is the capital of Spain?<|im_end|>\n<|im_start|>assistant\n")
+        assert other_chat[:8] == turn[:8]  # 8 of the 22 tokens kept
+        assert anyio.run(engine.reuse, "stranger", other_chat) == 0  # type: ignore[attr-defined]
+        assert engine.kept_sequences == 1  # type: ignore[attr-defined]
+        # the next turn starts after the conversation so far: the first turn and the answer's tokens
+        # (greedy_alone decodes each token it draws; in a node the last one drawn never is)
+        cached = anyio.run(engine.reuse, "second", follow_up)  # type: ignore[attr-defined]
+        assert cached == len(turn) + len(answer) and engine.kept_sequences == 0  # type: ignore[attr-defined]
+        (logits,) = step(engine, [SequenceChunk("second", cached, follow_up[cached:])])
+        (fresh,) = step(other, [SequenceChunk("second", 0, follow_up)])
+        assert logits is not None and fresh is not None and int(np.argmax(logits)) == int(np.argmax(fresh))
+        np.testing.assert_allclose(logits, fresh, atol=0.5)  # (llama.cpp's kernels differ by micro-batch shape)
+        release(engine, "second")
+        release(other, "second")
+        assert other.kept_sequences == 0  # type: ignore[attr-defined]  # prompt_cache off: nothing kept
+        # the same prompt again: all but its last position, which is computed for its logits
+        assert anyio.run(engine.reuse, "again", follow_up) == len(follow_up) - 1  # type: ignore[attr-defined]
+        release(engine, "again")
+        # kept caches give way to new requests: all four slots at once still work
+        prompts = [engine.tokenizer.encode(f"Number {i} is") for i in range(MAX_SEQUENCES)]
+        rows = step(engine, [SequenceChunk(f"new{i}", 0, p) for i, p in enumerate(prompts)])
+        assert all(row is not None for row in rows) and engine.kept_sequences == 0  # type: ignore[attr-defined]
+        release(engine, *(f"new{i}" for i in range(MAX_SEQUENCES)))
+        assert engine.kept_sequences == MAX_SEQUENCES  # type: ignore[attr-defined]
+    finally:
+        anyio.run(engine.close)
+        anyio.run(other.close)
