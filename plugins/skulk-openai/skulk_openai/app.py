@@ -201,7 +201,7 @@ class OpenAIFrontend:
                         "finish_reason": last.finish_reason,
                     }
                 ],
-                "usage": wire.usage(last.prompt_tokens, last.completion_tokens),
+                "usage": wire.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens),
             }
         )
 
@@ -236,7 +236,7 @@ class OpenAIFrontend:
             yield stream_error(ModelNotReadyError(f"{gen_request.model} stopped before finishing the request; retry"))
             return
         if generation.include_usage:
-            yield wire.sse({**base, "choices": [], "usage": wire.usage(last.prompt_tokens, last.completion_tokens)})
+            yield wire.sse({**base, "choices": [], "usage": wire.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)})
         yield wire.SSE_DONE
 
     async def completions(self) -> Response:
@@ -431,7 +431,9 @@ class _Answer:
 def _summed_usage(lasts: Iterable[GenerationChunk | None]) -> dict[str, int]:
     """One usage for several choices: their prompts' and their completions' tokens added up."""
     done = [last for last in lasts if last is not None]
-    return wire.usage(sum(last.prompt_tokens for last in done), sum(last.completion_tokens for last in done))
+    return wire.usage(
+        sum(last.prompt_tokens for last in done), sum(last.completion_tokens for last in done), sum(last.cached_tokens for last in done)
+    )
 
 
 _END = object()

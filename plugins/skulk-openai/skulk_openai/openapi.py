@@ -224,7 +224,14 @@ _FINISH = {"anyOf": [{"enum": ["stop", "length"]}, {"type": "null"}]}
 _USAGE = {
     "type": "object",
     "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-    "properties": {name: {"type": "integer", "minimum": 0} for name in ("prompt_tokens", "completion_tokens", "total_tokens")},
+    "properties": {
+        **{name: {"type": "integer", "minimum": 0} for name in ("prompt_tokens", "completion_tokens", "total_tokens")},
+        "prompt_tokens_details": {
+            "type": "object",
+            "properties": {"cached_tokens": {"type": "integer", "minimum": 0}},
+            "description": "Present when an earlier request's kept cache held part of the prompt: how many of its tokens were not computed again.",
+        },
+    },
 }
 
 _HEAD = {

@@ -174,6 +174,23 @@ def test_scoring_a_text_gives_the_log_probabilities_it_was_generated_with(llama_
     assert all(value < 0 for value in lp.token_logprobs[1:])
 
 
+def test_a_chats_next_turn_starts_from_the_kept_conversation(client: openai.OpenAI) -> None:
+    first = [{"role": "user", "content": "Name a large city in Japan."}]
+    reply = client.chat.completions.create(model=MODEL, messages=first, temperature=0, max_tokens=8)
+    assert reply.usage is not None
+    answer = reply.choices[0].message.content or ""
+    follow_up = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And one in Italy?"}]
+    second = client.chat.completions.create(model=MODEL, messages=follow_up, temperature=0, max_tokens=4)
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    # the first turn's prompt at least came from the kept cache (OpenAI reports it the same way)
+    assert reply.usage.prompt_tokens <= second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    # the same request again: all of the prompt but its last token, and the same answer
+    again = client.chat.completions.create(model=MODEL, messages=follow_up, temperature=0, max_tokens=4)
+    assert again.usage is not None and again.usage.prompt_tokens_details is not None
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    assert again.choices[0].message.content == second.choices[0].message.content
+
+
 def test_models(client: openai.OpenAI, http: httpx.Client) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
     model = client.models.retrieve(MODEL)
