@@ -412,10 +412,13 @@ class SkulkServer:
 
     name = "skulk"
 
-    def __init__(self, workdir: Path, threads: int, context: int, sequences: int) -> None:
+    def __init__(
+        self, workdir: Path, threads: int, context: int, sequences: int, name: str = "skulk", extra_env: dict[str, str] | None = None
+    ) -> None:
         from skulk_core.testing import SkulkProcess
 
-        data_dir = workdir / "skulk"
+        self.name = name
+        data_dir = workdir / name
         data_dir.mkdir()
         config = data_dir / "skulk.yaml"
         config.write_text("")  # no ./skulk.yaml of the caller's may change what is measured
@@ -431,6 +434,7 @@ class SkulkServer:
             SKULK_SERVE_THREADS=str(threads),
             SKULK_SERVE_CONTEXT_LENGTH=str(context),
             SKULK_SERVE_MAX_SEQUENCES=str(sequences),
+            **(extra_env or {}),
         )
         self.process.env = env
         self.url = self.process.url

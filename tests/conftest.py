@@ -6,11 +6,13 @@ The fixtures for plugin authors (``free_port``, ``skulk_plugins``, ``make_skulk_
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,3 +76,23 @@ def fake_distributions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
     yield dists
     for module in dists.modules:
         sys.modules.pop(module, None)
+
+
+BENCHMARKS = REPO / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def benchmark_script(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The script ``benchmarks/<name>.py`` (the test module's ``BENCHMARK``) loaded as a module,
+    and unloaded after the module's tests, with serving.py, which it may import from its folder."""
+    name = request.module.BENCHMARK
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # attrs resolves a module's annotations through it
+    path = list(sys.path)
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+    sys.modules.pop("serving", None)
+    sys.path[:] = path

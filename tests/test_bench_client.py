@@ -3,28 +3,19 @@ as right as its parsing of chunked, streamed server-sent events."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
-import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-SERVING = Path(__file__).resolve().parents[1] / "benchmarks" / "serving.py"
+BENCHMARK = "serving"
 
 
 @pytest.fixture(scope="module")
-def serving():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_serving", SERVING)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_serving"] = module  # attrs resolves the module's annotations through it
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["bench_serving"]
+def serving(benchmark_script):  # type: ignore[no-untyped-def]
+    return benchmark_script
 
 
 def _events(tokens: int) -> bytes:

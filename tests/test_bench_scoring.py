@@ -3,27 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARK = "scoring"
 
 
 @pytest.fixture(scope="module")
-def scoring():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_scoring", BENCHMARKS / "scoring.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_scoring"] = module
-    spec.loader.exec_module(module)  # imports serving.py from its directory
-    yield module
-    del sys.modules["bench_scoring"]
-    sys.modules.pop("serving", None)
-    if str(BENCHMARKS) in sys.path:
-        sys.path.remove(str(BENCHMARKS))
+def scoring(benchmark_script):  # type: ignore[no-untyped-def]
+    return benchmark_script
 
 
 def test_compare_tells_right_scores_from_shifted_and_missing_ones(scoring) -> None:  # type: ignore[no-untyped-def]
