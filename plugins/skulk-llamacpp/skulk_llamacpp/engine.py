@@ -485,7 +485,12 @@ class LlamaCppEngine:
         pending: list[tuple[int, int]] = []  # (chunk index, batch row whose logits it wants)
         scoring: list[tuple[int, int, int, int]] = []  # (chunk index, batch row, target token, top)
         batch.size = 0
-        for index, (seq_id, (position, tokens, want_logits, targets, top)) in enumerate(zip(seq_ids, plan)):
+        # In sequence-id order: llama.cpp computes a micro-batch over a contiguous run of KV
+        # streams, so sequences out of order split a step into several graphs. Measured with 8
+        # sequences whose ids came back as 4-7, 0-3: 228 tokens/s decoding together, 273 in order.
+        order = range(len(plan)) if len(plan) == 1 else sorted(range(len(plan)), key=seq_ids.__getitem__)
+        for index in order:
+            seq_id, (position, tokens, want_logits, targets, top) = seq_ids[index], plan[index]
             done = 0
             while done < len(tokens):
                 take = min(len(tokens) - done, batch.capacity - batch.size)
