@@ -331,7 +331,9 @@ class InstanceRunner:
         if request.prompt_logprobs is not None or len(request.prompt) < 2:
             return
         try:
-            live.cached = live.position = await self.chain.reuse(request.request_id, request.prompt)
+            cached = await self.chain.reuse(request.request_id, request.prompt)
+            # (an engine that claims the whole prompt still computes its last position, for its logits)
+            live.cached = live.position = max(0, min(cached, len(request.prompt) - 1))
         except Exception:  # the prefill then starts at 0, which rewinds whatever was taken
             log.exception("reusing a kept cache for %s failed; prefilling the whole prompt", request.request_id)
 
