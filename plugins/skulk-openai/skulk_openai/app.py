@@ -272,12 +272,12 @@ class OpenAIFrontend:
         choices = []
         for index, (request, prefix, answer) in enumerate(zip(requests, prefixes, results)):
             logprobs = None
-            if generation.logprobs:
-                scored = params.prompt_logprobs is not None
-                legacy = wire.LegacyLogprobs(tokens, 0 if scored else len(prefix))
-                logprobs = legacy.add(answer.tokens) if not scored else wire.joined_legacy(
-                    legacy.prompt(request.prompt, answer.prompt_logprobs, prefix), legacy.add(answer.tokens)
-                )
+            if generation.logprobs and params.prompt_logprobs is None:
+                logprobs = wire.LegacyLogprobs(tokens, len(prefix)).add(answer.tokens)
+            elif generation.logprobs:  # the scored prompt's entries, then the completion's
+                legacy = wire.LegacyLogprobs(tokens)
+                prompt_entries = legacy.prompt(request.prompt, answer.prompt_logprobs, prefix)
+                logprobs = wire.joined_legacy(prompt_entries, legacy.add(answer.tokens))
             choices.append({"index": index, "text": prefix + answer.text, "logprobs": logprobs, "finish_reason": answer.last.finish_reason})
         return json_response({**meta, "choices": choices, "usage": _summed_usage([answer.last for answer in results])})
 
@@ -336,7 +336,8 @@ class OpenAIFrontend:
         """The model named, or without a name the node's one model."""
         if model is not None:
             return self.models.ready(model)
-        models = self.models.models()
+        known = self.models.models()
+        models = [m for m in known if m.status != "failed"] or known  # one that failed says why
         if not models:
             raise ModelNotReadyError("this node serves no model yet; retry in a moment")
         if len(models) > 1:
