@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import MODEL_ID, PeerServer, RawEngine, SkulkServer, run_and_report  # noqa: E402
+from serving import MODEL_ID, PeerServer, RawEngine, SkulkServer, parser_with, run_and_report  # noqa: E402
 
 TEXT = "The history of the city goes back many centuries, to a small village by the river. "
 # Log-probabilities this close to raw's count as the same: llama.cpp's matrix kernels depend on how
@@ -92,7 +92,7 @@ def raw_scores(raw: RawEngine, text: str, slice_rows: int = 64) -> tuple[float, 
 
 def compare(reference: Sequence[float], logprobs: dict[str, Any]) -> dict[str, Any]:
     """How a server's prompt log-probabilities (after its first, null entry) match raw's."""
-    served = [v for v in logprobs["token_logprobs"][1 : len(reference) + 1]]
+    served = logprobs["token_logprobs"][1 : len(reference) + 1]
     if len(served) != len(reference) or any(v is None for v in served):
         return {"positions": len(served), "max_abs_diff": None, "agree": False}
     diff = max(abs(a - b) for a, b in zip(served, reference))
@@ -172,12 +172,11 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="compute threads for all three (default 2)")
-    parser.add_argument("--repeat", type=int, default=40, help="times the sentence is repeated in the prompt (default 40: 721 tokens)")
-    parser.add_argument("--runs", type=int, default=3, help="rounds (default 3)")
-    parser.add_argument("--context", type=int, default=4096, help="positions per request (default 4096)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    options = [
+        ("--repeat", dict(type=int, default=40, help="times the sentence is repeated in the prompt (default 40: 721 tokens)")),
+        ("--runs", dict(type=int, default=3, help="rounds (default 3)")),
+    ]
+    parser = parser_with(__doc__.split("\n\n")[0], options)
     args = parser.parse_args(argv)
     if args.runs < 1 or args.repeat < 1 or args.threads < 1:
         parser.error("--runs, --repeat and --threads must be at least 1")

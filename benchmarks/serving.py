@@ -1179,16 +1179,29 @@ def _fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+# The options every benchmark against the peer takes (serving.py, scoring.py, turns.py).
+SHARED_OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("--threads", dict(type=int, default=2, help="compute threads, the same for every server and raw (default 2)")),
+    ("--context", dict(type=int, default=4096, help="positions per request, every server (default 4096)")),
+    ("--json", dict(action="store_true", help="print one JSON document instead of the table")),
+]
+
+
+def parser_with(description: str, options: Sequence[tuple[str, dict[str, Any]]]) -> argparse.ArgumentParser:
+    """An argument parser with :data:`SHARED_OPTIONS` and a benchmark's own ``options``."""
+    parser = argparse.ArgumentParser(description=description)
+    for flag, spec in [*SHARED_OPTIONS, *options]:
+        parser.add_argument(flag, **spec)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     options: list[tuple[str, dict[str, Any]]] = [
-        ("--threads", dict(type=int, default=2, help="compute threads for all three (default 2)")),
         ("--max-tokens", dict(type=int, default=128, help="tokens generated per request (default 128)")),
         ("--clients", dict(type=int, default=8, help="concurrent clients for the aggregate (default 8)")),
         ("--runs", dict(type=int, default=5, help="single-stream rounds (default 5)")),
         ("--concurrent-runs", dict(type=int, default=3, help="rounds with --clients at once (default 3)")),
         ("--ttft-probes", dict(type=int, default=2, help="2-token requests per round, for first tokens (default 2)")),
-        ("--context", dict(type=int, default=4096, help="positions per request, both servers (default 4096)")),
         ("--same-prompt", dict(action="store_true", help="the same prompt every time (default: numbered)")),
         ("--peer-flash-attn", dict(action="store_true", help="run the peer with flash attention (default: its own default, off)")),
         ("--quiet-wait", dict(type=float, default=5.0, help="seconds to wait for an idle machine (default 5)")),
@@ -1196,11 +1209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("--foreign-threshold", dict(type=float, default=0.1, help="share of the CPU others may take (default 0.1)")),
         ("--budget", dict(type=float, default=200.0, help="seconds, then no more waits or repeats (default 200)")),
         ("--client", dict(choices=("lean", "httpx"), default="lean", help="the benchmark's HTTP client (default lean: HTTP/1.1 by hand)")),
-        ("--json", dict(action="store_true", help="print one JSON document instead of the table")),
         ("--keep-logs", dict(action="store_true", help="keep the servers' logs (their path is printed)")),
     ]
-    for flag, spec in options:
-        parser.add_argument(flag, **spec)
+    parser = parser_with(__doc__.split("\n\n")[0], options)
     args = parser.parse_args(argv)
     if args.max_tokens < 2 or args.clients < 1 or args.runs < 1 or args.threads < 1:
         parser.error("--max-tokens must be at least 2; --clients, --runs and --threads at least 1")

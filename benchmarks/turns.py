@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import MODEL_ID, PeerServer, SkulkServer, run_and_report  # noqa: E402
+from serving import MODEL_ID, PeerServer, SkulkServer, parser_with, run_and_report  # noqa: E402
 
 MESSAGE = "Tell me more about the old harbour town, its markets, its boats and the people who live there. " * 3
 
@@ -125,14 +125,13 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="compute threads for all (default 2)")
-    parser.add_argument("--users", type=int, default=4, help="conversations, interleaved (default 4)")
-    parser.add_argument("--turns", type=int, default=5, help="turns each before the timed one (default 5)")
-    parser.add_argument("--answer-tokens", type=int, default=16, help="tokens of each answer (default 16)")
-    parser.add_argument("--runs", type=int, default=2, help="rounds (default 2)")
-    parser.add_argument("--context", type=int, default=4096, help="positions per request (default 4096)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    options = [
+        ("--users", dict(type=int, default=4, help="conversations, interleaved (default 4)")),
+        ("--turns", dict(type=int, default=5, help="turns each before the timed one (default 5)")),
+        ("--answer-tokens", dict(type=int, default=16, help="tokens of each answer (default 16)")),
+        ("--runs", dict(type=int, default=2, help="rounds (default 2)")),
+    ]
+    parser = parser_with(__doc__.split("\n\n")[0], options)
     args = parser.parse_args(argv)
     if min(args.users, args.turns, args.answer_tokens, args.runs, args.threads) < 1:
         parser.error("every count must be at least 1")
