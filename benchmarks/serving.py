@@ -549,7 +549,13 @@ class RawEngine:
         self.llama_cpp, self.np = llama_cpp, np
         llama_cpp.llama_backend_init()
         llama_cpp.llama_log_set(_quiet_llama_log(), None)
-        self.model = llama_cpp.llama_model_load_from_file(str(model).encode(), llama_cpp.llama_model_default_params())
+        from skulk_llamacpp.engine import _GGML_TYPES
+        from skulk_llamacpp.native import amx_kernels_built
+        from skulk_llamacpp.settings import LlamaCppSettings
+
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.use_extra_bufts = not amx_kernels_built()  # as the engine loads it
+        self.model = llama_cpp.llama_model_load_from_file(str(model).encode(), model_params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {model}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
@@ -560,8 +566,6 @@ class RawEngine:
         params.n_batch = params.n_ubatch = 512
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = False
-        from skulk_llamacpp.engine import _GGML_TYPES
-        from skulk_llamacpp.settings import LlamaCppSettings
 
         engine = LlamaCppSettings()  # what skulk's engine runs with unless configured otherwise
         params.flash_attn_type = (

@@ -9,6 +9,7 @@ load or decode can say why.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import threading
 from collections import deque
@@ -65,6 +66,26 @@ def ensure_initialised() -> None:
         _initialised = True
 
 
+@functools.cache
+def amx_kernels_built() -> bool:
+    """Whether this llama.cpp was built with ggml's AMX kernels (``-march=native`` on a CPU with
+    AMX, such as a Xeon of 2023 or later).
+
+    In the llama.cpp that llama-cpp-python 0.3.36 carries, those kernels crash the process at a
+    model's first matrix product of a prompt (a general protection fault in
+    ``ggml_backend_amx_mul_mat``: the tile configuration is kept on the stack, where the compiler
+    optimises it away; llama.cpp issue 20824, pull request 26954). A model that llama.cpp would
+    put in an AMX buffer is loaded without llama.cpp's extra buffer types instead (see
+    :class:`LoadedModel`); the repository's ``make install`` builds llama.cpp without them."""
+    library = Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"
+    try:
+        has_amx = ctypes.CDLL(str(library)).ggml_cpu_has_amx_int8
+    except (OSError, AttributeError):  # another layout (a macOS dylib, a CUDA build): no AMX kernels
+        return False
+    has_amx.restype = ctypes.c_int
+    return bool(has_amx())
+
+
 def take_problems() -> str:
     """The warnings and errors llama.cpp logged since the last call, for an error message."""
     problems = "; ".join(_recent_problems)
@@ -88,6 +109,17 @@ class LoadedModel:
         params.n_gpu_layers = 0  # this backend declares the CPU only
         params.vocab_only = vocab_only  # the tokenizer alone: no weights are read
         params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if settings.use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
+        if not vocab_only and amx_kernels_built():
+            # Without extra buffer types the weights stay in plain CPU buffers, out of the AMX
+            # kernels' reach (amx_kernels_built), at the cost of llama.cpp's repacked layouts.
+            params.use_extra_bufts = False
+            log.warning(
+                "this llama.cpp was built with ggml's AMX kernels, which crash in llama-cpp-python 0.3.36; "
+                "%s is loaded without llama.cpp's extra buffer types. Rebuild llama-cpp-python without them: "
+                "CMAKE_ARGS='-DGGML_RPC=on -DCMAKE_C_FLAGS=-mno-amx-int8 -DCMAKE_CXX_FLAGS=-mno-amx-int8' "
+                "pip install --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36",
+                path.name,
+            )
         take_problems()
         ptr = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         if not ptr:

@@ -28,7 +28,7 @@ from skulk_core import (
     score_token,
 )
 
-from skulk_llamacpp import LlamaCppBackend, LlamaCppSettings
+from skulk_llamacpp import LlamaCppBackend, LlamaCppSettings, native
 
 pytestmark = pytest.mark.slow  # loads a model
 
@@ -283,6 +283,36 @@ def test_close_twice_then_refuse(card: ModelCard) -> None:
         step(engine, [SequenceChunk("late", 0, (1,))])
     with pytest.raises(BackendError, match="closed"):
         engine.tokenizer.encode("hello")  # type: ignore[union-attr]
+
+
+def test_the_installed_llama_cpp_has_no_amx_kernels() -> None:
+    """``make install`` builds llama.cpp without ggml's AMX kernels, which crash in this llama.cpp
+    on a CPU with AMX (``native.amx_kernels_built``); elsewhere none are built anyway."""
+    assert native.amx_kernels_built() is False
+
+
+def test_a_llama_cpp_with_amx_kernels_loads_models_out_of_their_reach(
+    card: ModelCard, engine: Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    loads = []
+    real_load = native.llama_cpp.llama_model_load_from_file
+
+    def load(path: bytes, params: object) -> object:
+        loads.append(params.use_extra_bufts)  # type: ignore[attr-defined]
+        return real_load(path, params)
+
+    monkeypatch.setattr(native.llama_cpp, "llama_model_load_from_file", load)
+    monkeypatch.setattr(native, "amx_kernels_built", lambda: True)
+    with caplog.at_level("WARNING", logger="skulk.llamacpp"):
+        plain = _load(card)
+    try:
+        assert loads == [False]
+        assert "AMX kernels" in caplog.text and "-mno-amx-int8" in caplog.text
+        assert plain.tokenizer is not None
+        prompt = plain.tokenizer.encode("The capital of France is")
+        assert greedy_alone(plain, "plain", prompt, 8) == greedy_alone(engine, "usual", prompt, 8)
+    finally:
+        anyio.run(plain.close)
 
 
 def test_embeddings(engine: Engine) -> None:
