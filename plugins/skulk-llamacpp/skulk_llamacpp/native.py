@@ -80,7 +80,7 @@ def amx_kernels_built() -> bool:
     library = Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"
     try:
         has_amx = ctypes.CDLL(str(library)).ggml_cpu_has_amx_int8
-    except (OSError, AttributeError):  # another layout (a macOS dylib, a CUDA build): no AMX kernels
+    except (OSError, AttributeError):  # another layout (macOS names it .dylib; no Mac has AMX)
         return False
     has_amx.restype = ctypes.c_int
     return bool(has_amx())
