@@ -16,6 +16,7 @@ from skulk_core.backend import (
     StageOutput,
     Tokenizer,
     draw_outputs,
+    shared_prefix,
     section_settings,
 )
 from skulk_core.config import Config, ConfigLoader, parse_size
@@ -84,5 +85,5 @@ __all__ = [
     "RequestError", "SequenceChunk", "ServiceRegistry", "ShardRange", "SkulkError", "StageAssignment",
     "StageOutput", "Tensor", "Tokenizer", "TraceSpan", "Transport", "TransportContext",
     "TransportError", "TransportRegistry", "compute_thread", "default_model_path", "draw_outputs", "error_body", "hookimpl", "hookspec",
-    "node_id_for", "run_on_own_thread", "section_settings",
+    "node_id_for", "run_on_own_thread", "section_settings", "shared_prefix",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
+import numpy as np
 from attrs import field, frozen
 
 from skulk_core.model import ModelCard, ModelFiles
@@ -236,6 +237,21 @@ class PrefixCachingEngine(Protocol):
         with ``prompt``, cut back to that start, and return its length: how many of ``prompt``'s
         positions are in the cache already, at most ``len(prompt) - 1`` (the last position is
         computed for its logits). 0, and nothing taken, when no kept cache begins like ``prompt``."""
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
+    """How many tokens ``a`` and ``b`` share from their start, counting at most ``limit`` (default:
+    the shorter one's length): what a kept cache (:class:`PrefixCachingEngine`) has of a prompt."""
+    n = min(len(a), len(b)) if limit is None else min(limit, len(a), len(b))
+    if n <= 0:
+        return 0
+    if n > 8:  # numpy's calls cost more than a short loop
+        differ = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+        return int(differ[0]) if differ.size else n
+    for index in range(n):
+        if a[index] != b[index]:
+            return index
+    return n
 
 
 @runtime_checkable

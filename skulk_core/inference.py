@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from attrs import define, field, frozen
 
-from skulk_core.backend import MemorySiteReporter, SequenceChunk, StageOutput, Tokenizer
+from skulk_core.backend import MemorySiteReporter, SequenceChunk, StageOutput, Tokenizer, shared_prefix
 from skulk_core.chat import render_chat
 from skulk_core.constraints import JsonObjectConstraint, TokenConstraint, TokenTexts
 from skulk_core.errors import ModelError, PlacementError, RequestError, SkulkError, TransportError
@@ -188,6 +188,42 @@ class _Chunks:
         return self._items.popleft()
 
 
+class _ScoreMemory:
+    """The log-probabilities of recently scored prompts, so that a scored prompt that begins like
+    one of them starts its prefill in a kept cache (:class:`skulk_core.PrefixCachingEngine`)
+    instead of at 0: an evaluation's multiple-choice questions score one context with each answer.
+
+    A kept cache holds a prompt's positions but not its scores; the scores come from here, for the
+    positions a kept prompt shares with the new one but the last (which scored another next token).
+    They are the model's own distribution at each position, so for the same tokens they are the
+    same whichever request asked. Bounded: the last ``size`` scored prompts."""
+
+    def __init__(self, size: int) -> None:
+        self._entries: deque[tuple[tuple[int, ...], tuple[GeneratedToken, ...], int]] = deque(maxlen=max(1, size))
+
+    def keep(self, prompt: Sequence[int], scores: tuple[GeneratedToken, ...], top: int) -> None:
+        """``scores``: each of ``prompt``'s positions but the last, scoring the token after it, with
+        its ``top`` most likely tokens."""
+        if scores:
+            self._entries.append((tuple(prompt), scores, top))
+
+    def known(self, prompt: Sequence[int], top: int) -> tuple[GeneratedToken, ...]:
+        """The scores of ``prompt``'s first positions, as many as a kept prompt holds (with at least
+        ``top`` alternatives, cut to ``top``); empty when none begins like it."""
+        best: tuple[GeneratedToken, ...] = ()
+        for tokens, scores, kept_top in reversed(self._entries):
+            if kept_top < top:
+                continue
+            shared = shared_prefix(tokens, prompt)
+            # A position scores the token after it: the last shared position scored a token of its own.
+            usable = min(shared - 1, len(scores))
+            if usable > len(best):
+                best = scores[:usable]
+                if kept_top > top:
+                    best = tuple(GeneratedToken(s.token_id, s.logprob, s.top[:top]) for s in best)
+        return best
+
+
 @define(eq=False)
 class _Live:
     request: GenerationRequest
@@ -239,6 +275,7 @@ class InstanceRunner:
         self._wake = anyio.Event()
         self._eos = frozenset(tokenizer.eos_token_ids)
         self._token_texts: TokenTexts | None = None  # made for the first constrained request
+        self._scored = _ScoreMemory(max_sequences)
         self.steps = 0
 
     @property
@@ -325,15 +362,24 @@ class InstanceRunner:
         return admitted
 
     async def _reuse(self, live: _Live) -> None:
-        """Start ``live``'s prefill after the part of its prompt a kept cache holds. Not for a scored
-        prompt, whose every position must be computed for its scores."""
+        """Start ``live``'s prefill after the part of its prompt a kept cache holds. A scored prompt
+        only as far as the scores of an earlier scored prompt reach (:class:`_ScoreMemory`): every
+        position before the prefill's start must have its score."""
         request = live.request
-        if request.prompt_logprobs is not None or len(request.prompt) < 2:
+        if len(request.prompt) < 2:
             return
+        prompt = request.prompt
+        known: tuple[GeneratedToken, ...] = ()
+        if request.prompt_logprobs is not None:
+            known = self._scored.known(prompt, request.prompt_logprobs)
+            if not known:
+                return
+            prompt = prompt[: len(known) + 1]  # so the engine cuts its cache where the scores end
         try:
-            cached = await self.chain.reuse(request.request_id, request.prompt)
+            cached = await self.chain.reuse(request.request_id, prompt)
             # (an engine that claims the whole prompt still computes its last position, for its logits)
-            live.cached = live.position = max(0, min(cached, len(request.prompt) - 1))
+            live.cached = live.position = max(0, min(cached, len(prompt) - 1))
+            live.scores.extend(known[: live.position])
         except Exception:  # the prefill then starts at 0, which rewinds whatever was taken
             log.exception("reusing a kept cache for %s failed; prefilling the whole prompt", request.request_id)
 
@@ -438,10 +484,12 @@ class InstanceRunner:
         live.scores.extend(GeneratedToken(s.token_id, s.logprob, s.top) for s in output.scores)
         return True
 
-    @staticmethod
-    def _prompt_scores(live: _Live) -> tuple[GeneratedToken, ...]:
-        """The prompt's scores, for the request's first chunk (none after it)."""
+    def _prompt_scores(self, live: _Live) -> tuple[GeneratedToken, ...]:
+        """The prompt's scores, for the request's first chunk (none after it), kept for a later
+        prompt that begins the same way."""
         scores, live.scores = tuple(live.scores), []
+        if live.request.prompt_logprobs is not None:
+            self._scored.keep(live.request.prompt, scores, live.request.prompt_logprobs)
         return scores
 
     def _fail(self, live: _Live, exc: SkulkError) -> None:

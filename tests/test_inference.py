@@ -3,7 +3,8 @@ for a real backend, whose own tests run the real model)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import anyio
 import numpy as np
@@ -505,15 +506,21 @@ class FakeCachingEngine(FakeEngine):
         return length
 
 
-@pytest.mark.anyio
-async def test_a_prompt_that_begins_like_a_finished_one_starts_after_the_kept_part() -> None:
+@asynccontextmanager
+async def caching_and_reference() -> AsyncIterator[tuple[FakeCachingEngine, InstanceRunner, InstanceRunner]]:
+    """A runner over a FakeCachingEngine, and one over a plain FakeEngine to compare it with."""
     engine = FakeCachingEngine()
-    runner = make_runner(engine)
-    plain = FakeEngine()
-    reference = make_runner(plain)
+    runner, reference = make_runner(engine), make_runner(FakeEngine())
     async with anyio.create_task_group() as tg:
         await tg.start(runner.run)
         await tg.start(reference.run)
+        yield engine, runner, reference
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_prompt_that_begins_like_a_finished_one_starts_after_the_kept_part() -> None:
+    async with caching_and_reference() as (engine, runner, reference):
         await collect(runner, greedy("abcdefgh", max_tokens=3))
         chunks = await scored(runner, greedy("abcdefghxyz", max_tokens=4))
         # its prefill began at position 8: the first request's prompt was kept (and its answer, which differs)
@@ -526,4 +533,27 @@ async def test_a_prompt_that_begins_like_a_finished_one_starts_after_the_kept_pa
         steps = len(engine.batches)
         scored_chunks = await scored(runner, greedy("abcdefghxyz", max_tokens=1, prompt_logprobs=0))
         assert engine.batches[steps][0].position == 0 and scored_chunks[-1].cached_tokens == 0
-        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_scored_prompt_that_begins_like_a_scored_one_starts_where_their_scores_part() -> None:
+    # An evaluation's multiple choice: one context scored with each answer.
+    async with caching_and_reference() as (engine, runner, reference):
+        await scored(runner, greedy("abcdefghxy", max_tokens=0, prompt_logprobs=2))
+        steps = len(engine.batches)
+        chunks = await scored(runner, greedy("abcdefghzw", max_tokens=0, prompt_logprobs=2))
+        # The kept cache holds "abcdefgh": the scores of positions 0-6 are known ("h" is scored after
+        # "g"); position 7 scores "z" now, so the prefill starts there.
+        assert [(c.position, len(c.tokens or ())) for c in engine.batches[steps]] == [(7, 3)]
+        assert chunks[-1].cached_tokens == 7 and chunks[-1].prompt_tokens == 10
+        whole = await scored(reference, greedy("abcdefghzw", max_tokens=0, prompt_logprobs=2))
+        assert chunks[0].prompt_logprobs == whole[0].prompt_logprobs and len(whole[0].prompt_logprobs) == 9
+        # Fewer alternatives than were kept: the same, cut; more: computed whole.
+        steps = len(engine.batches)
+        fewer = await scored(runner, greedy("abcdefghzv", max_tokens=0, prompt_logprobs=1))
+        assert engine.batches[steps][0].position == 8 and fewer[-1].cached_tokens == 8
+        cut = [(s.token_id, s.logprob, s.top[:1]) for s in whole[0].prompt_logprobs[:8]]
+        assert [(s.token_id, s.logprob, s.top) for s in fewer[0].prompt_logprobs[:8]] == cut
+        steps = len(engine.batches)
+        more = await scored(runner, greedy("abcdefghzu", max_tokens=0, prompt_logprobs=3))
+        assert engine.batches[steps][0].position == 0 and more[-1].cached_tokens == 0

@@ -42,6 +42,7 @@ from skulk_core import (
     StageOutput,
     compute_thread,
     score_token,
+    shared_prefix,
 )
 
 from skulk_llamacpp.native import LoadedModel, take_problems, with_problems
@@ -321,7 +322,7 @@ class LlamaCppEngine:
             best, best_length = None, 0
             for seq_id in reversed(self._kept):
                 known = self._tokens[seq_id]
-                length = _common_prefix(known, prompt, min(limit, len(known), self._lengths[seq_id]))
+                length = shared_prefix(known, prompt, min(limit, self._lengths[seq_id]))
                 # Taking a cache cuts what follows the shared part: only for at least half of it (a
                 # conversation going on, or its last turn asked again), not for another
                 # conversation that merely begins with the same system prompt.
@@ -659,20 +660,6 @@ class LlamaCppEngine:
             self._kept.clear()
             self._ahead.clear()
             self._model.free()
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    """How many of the first ``limit`` items ``a`` and ``b`` share from their start."""
-    if limit <= 0:
-        return 0
-    if limit > _SHORT:
-        x = np.asarray(a[:limit], dtype=np.int64)
-        differ = np.flatnonzero(x != np.asarray(b[:limit], dtype=np.int64))
-        return int(differ[0]) if differ.size else limit
-    for index in range(limit):
-        if a[index] != b[index]:
-            return index
-    return limit
 
 
 def load_engine(card: ModelCard, files: ModelFiles, shard: ShardRange, options: EngineOptions) -> LlamaCppEngine:

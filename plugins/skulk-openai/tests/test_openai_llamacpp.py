@@ -174,6 +174,32 @@ def test_scoring_a_text_gives_the_log_probabilities_it_was_generated_with(llama_
     assert all(value < 0 for value in lp.token_logprobs[1:])
 
 
+def test_scoring_the_answers_to_one_question_computes_the_question_once(llama_node: Node, client: openai.OpenAI) -> None:
+    # As an evaluation harness scores a multiple-choice question: the context with each answer.
+    question = "Question: which of these is a large city in Japan? Answer:"
+    context = llama_node.models.encode(MODEL, question, add_special=False)
+    answers = [llama_node.models.encode(MODEL, f" {city}", add_special=False) for city in ("Osaka", "Lyon", "Turin")]
+    first = client.completions.create(model=MODEL, prompt=context + answers[0], echo=True, logprobs=1, max_tokens=0)
+    assert first.usage is not None and first.usage.prompt_tokens_details is None  # nothing kept yet
+    second = client.completions.create(model=MODEL, prompt=context + answers[1], echo=True, logprobs=1, max_tokens=0)
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    # the context's scores came with its kept cache: only the new answer was computed
+    assert len(context) - 1 <= second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    # the same scores as the context and answer computed whole (more alternatives than were kept)
+    whole = client.completions.create(model=MODEL, prompt=context + answers[1], echo=True, logprobs=2, max_tokens=0)
+    assert whole.usage is not None and whole.usage.prompt_tokens_details is None
+    got, expected = second.choices[0].logprobs, whole.choices[0].logprobs
+    assert got.tokens == expected.tokens and got.text_offset == expected.text_offset
+    assert got.token_logprobs[0] is None
+    assert got.token_logprobs[1:] == pytest.approx(expected.token_logprobs[1:], abs=0.05)
+    assert [list(top) for top in got.top_logprobs[1:]] == [list(top)[:1] for top in expected.top_logprobs[1:]]
+    # the first answer's own scores, again, from the cache as well
+    third = client.completions.create(model=MODEL, prompt=context + answers[0], echo=True, logprobs=1, max_tokens=0)
+    assert third.usage is not None and third.usage.prompt_tokens_details is not None
+    again, before = third.choices[0].logprobs.token_logprobs, first.choices[0].logprobs.token_logprobs
+    assert again[1:] == pytest.approx(before[1:], abs=0.05)
+
+
 def test_a_chats_next_turn_starts_from_the_kept_conversation(client: openai.OpenAI) -> None:
     first = [{"role": "user", "content": "Name a large city in Japan."}]
     reply = client.chat.completions.create(model=MODEL, messages=first, temperature=0, max_tokens=8)
