@@ -12,7 +12,8 @@ measures, on the same model (the default GGUF), the same prompt and the same thr
 
 Each round times one request per server (and raw), interleaved. Besides the time, every server's
 log-probabilities are compared with raw's, position by position: a server that scores the wrong
-position shows it there.
+position shows it there. Then a multiple-choice question, as evaluation harnesses score one: the
+same long context followed by each of four answers, one request each; raw computes the context once.
 
     .venv/bin/python benchmarks/scoring.py [--threads 2] [--repeat 40] [--runs 3] [--json]
 """
@@ -37,6 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving import MODEL_ID, PeerServer, RawEngine, SkulkServer, parser_with, run_and_report  # noqa: E402
 
 TEXT = "The history of the city goes back many centuries, to a small village by the river. "
+# A multiple-choice question's answers, each scored after the same context (lm-evaluation-harness's
+# way: one request per answer, the context repeated in each).
+ANSWERS = (" By the river.", " On a hill.", " In a forest.", " Near the sea.")
 # Log-probabilities this close to raw's count as the same: llama.cpp's matrix kernels depend on how
 # a step is split into micro-batches, and the same position scores up to 0.21 apart between a
 # 64-row slice and rows one at a time. A score read from the wrong position is off by nats.
@@ -90,6 +94,43 @@ def raw_scores(raw: RawEngine, text: str, slice_rows: int = 64) -> tuple[float, 
     return time.perf_counter() - start, tokens, scores
 
 
+def raw_choices(raw: RawEngine, context: str, answers: Sequence[str], slice_rows: int = 64) -> float:
+    """Seconds raw llama.cpp takes to score ``context`` followed by each of ``answers`` when it
+    computes the context once: the context's positions (every row's logits kept, each row's
+    log-softmax), then for each answer the cache cut back to the context and the answer's positions
+    scored after it. What a server that scores a multiple-choice question could at best do."""
+    import numpy as np
+
+    from skulk_core.sampling import log_softmax
+
+    lc = raw.llama_cpp
+
+    def tokens_of(text: str) -> list[int]:
+        data = text.encode()
+        out = (lc.llama_token * (len(data) + 8))()
+        return list(out[: lc.llama_tokenize(raw.vocab, data, len(data), out, len(out), True, True)])
+
+    prompts = [tokens_of(context + answer) for answer in answers]
+    shared = min(next((i for i, (a, b) in enumerate(zip(prompts[0], p)) if a != b), len(p)) for p in prompts)
+    lc.llama_memory_clear(raw.memory, True)
+    start = time.perf_counter()
+
+    def score(tokens: list[int], first: int, end: int) -> None:
+        for low in range(first, end, slice_rows):
+            part = tokens[low : min(end, low + slice_rows)]
+            raw._decode([(t, low + i, 0, True) for i, t in enumerate(part)])
+            for i in range(len(part)):
+                if low + i + 1 < len(tokens):
+                    row = np.ctypeslib.as_array(lc.llama_get_logits_ith(raw.ctx, i), shape=(raw.n_vocab,))
+                    float(log_softmax(row)[tokens[low + i + 1]])
+
+    score(prompts[0], 0, shared - 1)  # the shared part's last row scores each answer's own first
+    for tokens in prompts:  # token, so it is computed with each answer
+        lc.llama_memory_seq_rm(raw.memory, 0, shared - 1, -1)
+        score(tokens, shared - 1, len(tokens))
+    return time.perf_counter() - start
+
+
 def compare(reference: Sequence[float], logprobs: dict[str, Any]) -> dict[str, Any]:
     """How a server's prompt log-probabilities (after its first, null entry) match raw's."""
     served = logprobs["token_logprobs"][1 : len(reference) + 1]
@@ -105,7 +146,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     model = default_model_path()
     workdir = Path(tempfile.mkdtemp(prefix="skulk-scoring-"))
-    text = TEXT * args.repeat
+    # Each round's prompt is its own from its first words: no server may answer it from an earlier
+    # round's scores (skulk keeps those of recent scored prompts, for prompts that begin alike).
+    texts = [f"Volume {index + 1}. " + TEXT * args.repeat for index in range(args.runs)]
     skulk = SkulkServer(workdir, args.threads, args.context, 8)
     peer = PeerServer(workdir, model, args.threads, args.context, extra=("--logits_all", "True"))
     servers = [skulk, peer]
@@ -125,6 +168,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for round_index in range(args.runs):
             if not args.json:
                 print(f"round {round_index + 1}/{args.runs}", file=sys.stderr)
+            text = texts[round_index]
             seconds, tokens, reference = raw_scores(raw, text)
             times["raw"].append(seconds)
             prompt_tokens = len(tokens)
@@ -132,6 +176,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 seconds, logprobs = score_request(server.url, text)
                 times[server.name].append(seconds)
                 checks[server.name] = compare(reference, logprobs)
+        choice_times: dict[str, list[float]] = {"skulk": [], "peer": [], "raw": []}
+        for round_index in range(args.runs):
+            if not args.json:
+                print(f"multiple choice, round {round_index + 1}/{args.runs}", file=sys.stderr)
+            context = f"Question {round_index + 1}. " + TEXT * args.repeat + "Where was the village?"
+            choice_times["raw"].append(raw_choices(raw, context, ANSWERS))
+            for server in servers if round_index % 2 == 0 else servers[::-1]:
+                choice_times[server.name].append(sum(score_request(server.url, context + answer)[0] for answer in ANSWERS))
         token_prompts = {server.name: token_prompt_status(server.url) for server in servers}
     finally:
         for server in servers:
@@ -148,6 +200,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "skulk_speedup_vs_peer": round(medians["peer"] / medians["skulk"], 2),
         "skulk_vs_raw": round(medians["raw"] / medians["skulk"], 2),
         "agreement_with_raw": checks,
+        "choices": {
+            "answers": len(ANSWERS),
+            "seconds": {name: round(statistics.median(v), 3) for name, v in choice_times.items()},
+            "ranges": {name: [round(min(v), 3), round(max(v), 3)] for name, v in choice_times.items()},
+            "skulk_speedup_vs_peer": round(statistics.median(choice_times["peer"]) / statistics.median(choice_times["skulk"]), 2),
+            "skulk_vs_raw": round(statistics.median(choice_times["raw"]) / statistics.median(choice_times["skulk"]), 2),
+        },
         "token_id_prompt_status": token_prompts,
     }
 
@@ -167,13 +226,20 @@ def print_table(report: dict[str, Any]) -> None:
         verdict = "agrees with raw" if check["agree"] else "does NOT agree with raw"
         within = f"{check.get('within', 0)} of {check['positions']} positions within {AGREE}"
         print(f"{name}: {verdict} ({within})")
+    choices = report["choices"]
+    times = ", ".join(f"{name} {choices['seconds'][name]:.2f} s" for name in ("skulk", "peer", "raw"))
+    print(
+        f"a question scored with each of {choices['answers']} answers (one request each): {times}; skulk "
+        f"{choices['skulk_speedup_vs_peer']:.2f}x as fast as the peer, at {choices['skulk_vs_raw']:.2f}x raw's speed "
+        "(raw computes the question once)"
+    )
     statuses = report["token_id_prompt_status"]
     print("a token-id prompt (as lm-evaluation-harness sends): " + ", ".join(f"{name} HTTP {code}" for name, code in statuses.items()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = [
-        ("--repeat", dict(type=int, default=40, help="times the sentence is repeated in the prompt (default 40: 721 tokens)")),
+        ("--repeat", dict(type=int, default=40, help="times the sentence is repeated in the prompt (default 40: 725 tokens)")),
         ("--runs", dict(type=int, default=3, help="rounds (default 3)")),
     ]
     parser = parser_with(__doc__.split("\n\n")[0], options)

@@ -38,6 +38,13 @@ def test_the_table_prints_the_ratio_and_the_verdicts(scoring, capsys: pytest.Cap
             "peer": {"positions": 720, "max_abs_diff": 22.0, "within": 0, "agree": False},
         },
         "token_id_prompt_status": {"skulk": 200, "peer": 500},
+        "choices": {
+            "answers": 4,
+            "seconds": {"skulk": 2.1, "peer": 60.0, "raw": 2.0},
+            "ranges": {"skulk": [2.0, 2.2], "peer": [59.0, 61.0], "raw": [1.9, 2.1]},
+            "skulk_speedup_vs_peer": 28.57,
+            "skulk_vs_raw": 0.95,
+        },
     }
     scoring.print_table(report)
     out = capsys.readouterr().out
@@ -45,3 +52,4 @@ def test_the_table_prints_the_ratio_and_the_verdicts(scoring, capsys: pytest.Cap
     assert "skulk: agrees with raw (720 of 720 positions within 0.25)" in out
     assert "peer: does NOT agree with raw (0 of 720 positions within 0.25)" in out
     assert "skulk HTTP 200, peer HTTP 500" in out
+    assert "each of 4 answers (one request each): skulk 2.10 s, peer 60.00 s, raw 2.00 s; skulk 28.57x" in out
