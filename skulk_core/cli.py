@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import signal
@@ -20,6 +21,17 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
     logging.getLogger("hypercorn.error").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _report_crashes() -> None:
+    """A crash in native code (llama.cpp, torch) ends the process at once, before any log line:
+    Python's fault handler then writes every thread's stack to stderr, so the log says where."""
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable(file=sys.stderr, all_threads=True)
+    except (AttributeError, OSError, ValueError):  # a stderr without a file descriptor (a test's capture)
+        pass
 
 
 def _skulk_error(exc: BaseException) -> SkulkError | None:
@@ -148,6 +160,7 @@ def run(
     # Log from the start (SKULK_TRACE_PLUGINS traces hooks called while the node is built), then
     # switch to the configured level.
     _setup_logging(log_level or "info")
+    _report_crashes()
     try:
         loader = ConfigLoader.from_file(config_path, cli=cli_values)
         node = build_node(loader, plugins=plugins, blocked=blocked, autoload=False if no_autoload else None, peers=peers)

@@ -301,6 +301,15 @@ def test_run_serves_then_stops_cleanly_on_a_signal(start_skulk_run, signum: int,
         httpx.get(f"{node.url}/health", timeout=1)
 
 
+def test_a_crash_in_native_code_leaves_every_threads_stack_in_the_log(start_skulk_run):
+    # As llama.cpp's AMX kernels once did: a segmentation fault, which no Python code sees.
+    node = start_skulk_run()
+    node.process.send_signal(signal.SIGSEGV)
+    assert node.process.wait(timeout=15) == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in node.stderr
+    assert "Current thread" in node.stderr and "skulk_core/cli.py" in node.stderr, node.stderr[-2000:]
+
+
 def test_run_with_the_example_plugin_prints_events(start_skulk_run):
     node = start_skulk_run("--plugin", str(EXAMPLE))
     node_id = httpx.get(f"{node.url}/node_id", timeout=5).json()
