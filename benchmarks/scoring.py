@@ -68,6 +68,14 @@ def token_prompt_status(url: str) -> int:
         return exc.code
 
 
+def raw_tokens(raw: RawEngine, text: str) -> list[int]:
+    """``text``'s tokens as the servers get them (the BOS added, special tokens parsed)."""
+    lc = raw.llama_cpp
+    data = text.encode()
+    out = (lc.llama_token * (len(data) + 8))()
+    return list(out[: lc.llama_tokenize(raw.vocab, data, len(data), out, len(out), True, True)])
+
+
 def raw_scores(raw: RawEngine, text: str, slice_rows: int = 64) -> tuple[float, list[int], list[float]]:
     """(seconds, prompt tokens, each token's log-probability after the ones before it) from raw
     llama.cpp: the prompt decoded ``slice_rows`` positions a call, every row's logits kept."""
@@ -76,10 +84,7 @@ def raw_scores(raw: RawEngine, text: str, slice_rows: int = 64) -> tuple[float, 
     from skulk_core.sampling import log_softmax
 
     lc = raw.llama_cpp
-    data = text.encode()
-    out = (lc.llama_token * (len(data) + 8))()
-    n = lc.llama_tokenize(raw.vocab, data, len(data), out, len(out), True, True)
-    tokens = list(out[:n])
+    tokens = raw_tokens(raw, text)
     lc.llama_memory_clear(raw.memory, True)
     start = time.perf_counter()
     scores: list[float] = []
@@ -103,15 +108,11 @@ def raw_choices(raw: RawEngine, context: str, answers: Sequence[str], slice_rows
 
     from skulk_core.sampling import log_softmax
 
+    from skulk_core import shared_prefix
+
     lc = raw.llama_cpp
-
-    def tokens_of(text: str) -> list[int]:
-        data = text.encode()
-        out = (lc.llama_token * (len(data) + 8))()
-        return list(out[: lc.llama_tokenize(raw.vocab, data, len(data), out, len(out), True, True)])
-
-    prompts = [tokens_of(context + answer) for answer in answers]
-    shared = min(next((i for i, (a, b) in enumerate(zip(prompts[0], p)) if a != b), len(p)) for p in prompts)
+    prompts = [raw_tokens(raw, context + answer) for answer in answers]
+    shared = min(shared_prefix(prompts[0], p) for p in prompts[1:])
     lc.llama_memory_clear(raw.memory, True)
     start = time.perf_counter()
 
