@@ -15,6 +15,7 @@ from skulk_core.backend import (
     SequenceChunk,
     StageOutput,
     Tokenizer,
+    best_kept,
     draw_outputs,
     shared_prefix,
     section_settings,
@@ -85,5 +86,5 @@ __all__ = [
     "RequestError", "SequenceChunk", "ServiceRegistry", "ShardRange", "SkulkError", "StageAssignment",
     "StageOutput", "Tensor", "Tokenizer", "TraceSpan", "Transport", "TransportContext",
     "TransportError", "TransportRegistry", "compute_thread", "default_model_path", "draw_outputs", "error_body", "hookimpl", "hookspec",
-    "node_id_for", "run_on_own_thread", "section_settings", "shared_prefix",
+    "node_id_for", "run_on_own_thread", "section_settings", "shared_prefix", "best_kept",
 ]

@@ -11,7 +11,7 @@ positions is a prefill, a chunk holding one is a decode step; an engine may get 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
@@ -23,6 +23,7 @@ from skulk_core.tensor import Tensor
 from skulk_core.threads import EngineThread
 
 S = TypeVar("S")  # a backend's settings class
+K = TypeVar("K")  # what an engine names its kept caches by
 
 if TYPE_CHECKING:
     import numpy as np
@@ -252,6 +253,23 @@ def shared_prefix(a: Sequence[int], b: Sequence[int], limit: int | None = None) 
         if a[index] != b[index]:
             return index
     return n
+
+
+def best_kept(kept: Iterable[tuple[K, Sequence[int], int]], prompt: Sequence[int]) -> tuple[K, int] | None:
+    """Which kept cache a new request with ``prompt`` takes (:class:`PrefixCachingEngine`), and how
+    many of its positions: ``kept`` holds (key, the tokens the cache holds, positions cached), the
+    most recently kept last. The longest shared start wins (at most ``len(prompt) - 1``: the last
+    position is computed for its logits; the most recently kept among equals). Taking a cache cuts
+    what follows the shared part, so only a cache that shares at least half of its tokens is taken
+    (a conversation going on, or its last turn asked again), never another conversation's that
+    merely begins with the same system prompt. None when no cache qualifies."""
+    limit = len(prompt) - 1
+    best: tuple[K, int] | None = None
+    for key, tokens, cached in reversed(list(kept)):
+        length = shared_prefix(tokens, prompt, min(limit, cached))
+        if length > (best[1] if best else 0) and 2 * length >= len(tokens):
+            best = (key, length)
+    return best
 
 
 @runtime_checkable

@@ -41,8 +41,8 @@ from skulk_core import (
     ShardRange,
     StageOutput,
     compute_thread,
+    best_kept,
     score_token,
-    shared_prefix,
 )
 
 from skulk_llamacpp.native import LoadedModel, take_problems, with_problems
@@ -306,10 +306,8 @@ class LlamaCppEngine:
         self._tokens[seq_id].clear()
 
     async def reuse(self, request_id: str, prompt: Sequence[int]) -> int:
-        """:class:`skulk_core.PrefixCachingEngine`: give ``request_id`` the kept sequence whose
-        tokens begin ``prompt`` for longest (the most recently kept among equals), cut back there;
-        only one that shares at least half of its tokens, so that another conversation's cache is
-        not cut for the few tokens they share."""
+        """:class:`skulk_core.PrefixCachingEngine`: give ``request_id`` the kept sequence that
+        :func:`skulk_core.best_kept` picks for ``prompt``, cut back to the part they share."""
         if not self._kept or request_id in self._slots:
             return 0
         return await self._thread.run(self._reuse_locked, request_id, list(prompt))
@@ -318,18 +316,10 @@ class LlamaCppEngine:
         with self._lock:
             if not self._ctx or request_id in self._slots:
                 return 0
-            limit = len(prompt) - 1  # the last position is computed for its logits
-            best, best_length = None, 0
-            for seq_id in reversed(self._kept):
-                known = self._tokens[seq_id]
-                length = shared_prefix(known, prompt, min(limit, self._lengths[seq_id]))
-                # Taking a cache cuts what follows the shared part: only for at least half of it (a
-                # conversation going on, or its last turn asked again), not for another
-                # conversation that merely begins with the same system prompt.
-                if length > best_length and 2 * length >= len(known):
-                    best, best_length = seq_id, length
-            if best is None:
+            taken = best_kept(((seq_id, self._tokens[seq_id], self._lengths[seq_id]) for seq_id in self._kept), prompt)
+            if taken is None:
                 return 0
+            best, best_length = taken
             del self._kept[best]
             self._slots[request_id] = best
             if self._lengths[best] > best_length:
