@@ -3,9 +3,10 @@
 Each request holds its own KV cache for this stage's layers: one tensor (layers, K/V, kv heads,
 capacity, head_dim), created on the request's first chunk with room for the chunk and grown by
 doubling up to ``context_length``, so a short request never costs a full context of memory.
-:meth:`TorchEngine.release` drops it. On a CUDA GPU (with ``torch.cuda_graphs``, the default) the
-caches are instead slots of one pool allocated at load, and decode steps replay CUDA graphs
-(:mod:`skulk_torch.graphs`).
+:meth:`TorchEngine.release` drops it, or keeps it for a later request whose prompt begins the same
+way (``torch.prompt_cache``, a whole model's engine: :meth:`TorchEngine.reuse`). On a CUDA GPU
+(with ``torch.cuda_graphs``, the default) the caches are instead slots of one pool allocated at
+load, and decode steps replay CUDA graphs (:mod:`skulk_torch.graphs`); those are not kept.
 
 A step runs in a worker thread under ``torch.inference_mode()``; a lock keeps steps, releases and
 closing one at a time.
@@ -19,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from attrs import define
+from attrs import define, field
 
 from skulk_core import (
     BackendError,
@@ -35,6 +36,7 @@ from skulk_core import (
     Tensor,
     compute_thread,
     draw_outputs,
+    best_kept,
     score_token,
 )
 
@@ -58,6 +60,7 @@ class _Sequence:
     cache: torch.Tensor  # (layers, 2, kv heads, capacity, head_dim)
     length: int = 0  # positions cached
     slot: int | None = None  # its slot of the stage's KV pool, where there is one
+    tokens: list[int] = field(factory=list)  # what the cache holds, where the engine keeps caches
 
     @property
     def capacity(self) -> int:
@@ -89,6 +92,11 @@ class TorchEngine:
         self.layout = model.layout  # how its matrices are held and multiplied (skulk_torch.model.LAYOUTS)
         self._sequences: dict[str, _Sequence] = {}
         self._slots = decode_slots(model, options)  # decode steps as CUDA graphs over one KV pool (a GPU only)
+        # Released sequences whose caches are kept for a later request (PrefixCachingEngine), oldest
+        # first: a whole model's, with caches of their own (not slots of a pool: see _release).
+        whole = shard.is_first and shard.is_last
+        self._keep = whole and options.settings_as(TorchSettings, "torch").prompt_cache
+        self._kept: dict[str, _Sequence] = {}
         self._lock = threading.Lock()
         # Steps and releases, in order. On a CPU, on the thread every CPU engine of this process
         # shares (one OpenMP team: skulk_core.threads); on a GPU, on a thread of its own.
@@ -159,9 +167,13 @@ class TorchEngine:
                     seq = self._sequences.get(chunk.request_id)
                     if seq is not None:
                         seq.length = min(seq.length, chunk.position)
+                        del seq.tokens[seq.length :]
                 raise
             for chunk in batch:
-                self._sequences[chunk.request_id].length = chunk.position + chunk.length
+                seq = self._sequences[chunk.request_id]
+                seq.length = chunk.position + chunk.length
+                if self._keep:
+                    seq.tokens[chunk.position :] = chunk.tokens or ()
             return outputs
 
     def _check(self, batch: list[SequenceChunk]) -> None:
@@ -287,6 +299,9 @@ class TorchEngine:
         seq = self._sequences.get(request_id)
         if seq is not None and seq.capacity >= needed:
             return seq
+        if seq is None:
+            while self._kept and len(self._sequences) + len(self._kept) >= self.max_sequences:
+                self._free(self._kept.pop(next(iter(self._kept))))  # the least recently kept
         if self._slots is not None:
             slot, cache = self._slots.acquire()
             seq = self._sequences[request_id] = _Sequence(cache, slot=slot)
@@ -306,7 +321,8 @@ class TorchEngine:
     # -- lifetime ----------------------------------------------------------------------------
 
     async def release(self, request_id: str) -> None:
-        """Drop ``request_id``'s KV cache; unknown ids are ignored."""
+        """Drop ``request_id``'s KV cache, or keep it for a later request that begins the same way
+        (``torch.prompt_cache``); unknown ids are ignored."""
         if request_id in self._sequences:
             # On the engine's thread, after the steps queued before it (the event loop never waits
             # on the lock a step holds).
@@ -314,20 +330,59 @@ class TorchEngine:
 
     def _release(self, request_id: str) -> None:
         with self._lock:
-            self._drop(request_id)
+            seq = self._sequences.get(request_id)
+            if self._keep and self._slots is None and seq is not None and seq.tokens:
+                del self._sequences[request_id]
+                self._kept[request_id] = seq  # the most recently kept last
+            else:
+                self._drop(request_id)
 
     def _drop(self, request_id: str) -> None:
         seq = self._sequences.pop(request_id, None)
-        if seq is not None and seq.slot is not None and self._slots is not None:
+        if seq is not None:
+            self._free(seq)
+
+    def _free(self, seq: _Sequence) -> None:
+        if seq.slot is not None and self._slots is not None:
             self._slots.release(seq.slot)
+
+    async def reuse(self, request_id: str, prompt: Sequence[int]) -> int:
+        """:class:`skulk_core.PrefixCachingEngine`: give ``request_id`` the kept sequence that
+        :func:`skulk_core.best_kept` picks for ``prompt``, cut back to the part they share."""
+        if not self._kept or request_id in self._sequences:
+            return 0
+        return await self._thread.run(self._reuse_locked, request_id, list(prompt))
+
+    def _reuse_locked(self, request_id: str, prompt: list[int]) -> int:
+        with self._lock:
+            if self.model is None or request_id in self._sequences:
+                return 0
+            taken = best_kept(((key, seq.tokens, seq.length) for key, seq in self._kept.items()), prompt)
+            if taken is None:
+                return 0
+            best, best_length = taken
+            seq = self._kept.pop(best)
+            seq.length = best_length
+            del seq.tokens[best_length:]
+            self._sequences[request_id] = seq
+            return best_length
 
     @property
     def live_sequences(self) -> int:
         return len(self._sequences)
 
+    @property
+    def kept_sequences(self) -> int:
+        """Released sequences whose caches are kept for a later request (``torch.prompt_cache``)."""
+        return len(self._kept)
+
     def cache_bytes(self) -> int:
-        """Bytes the live sequences' KV caches hold."""
+        """Bytes the live sequences' KV caches hold (:meth:`kept_bytes`: the kept ones')."""
         return sum(seq.cache.numel() * seq.cache.element_size() for seq in self._sequences.values())
+
+    def kept_bytes(self) -> int:
+        """Bytes the kept sequences' KV caches hold (``torch.prompt_cache``)."""
+        return sum(seq.cache.numel() * seq.cache.element_size() for seq in self._kept.values())
 
     def parameter_bytes(self) -> dict[str, int]:
         """Bytes of weights by part (``blocks``, ``embed``, ``head``); see :meth:`StageModel.parameter_bytes`."""
@@ -345,6 +400,7 @@ class TorchEngine:
     def _close(self) -> None:
         with self._lock:
             self._sequences.clear()
+            self._kept.clear()
             if self._slots is not None:
                 self._slots.close()
                 self._slots = None

@@ -60,6 +60,11 @@ class TorchSettings:
       4-bit integers in groups of 32 input features, each group with a scale and an offset (about
       a sixth of float32's bytes), multiplied the same way. A CPU only. ``none``: the matrices in
       ``dtype``.
+    - ``prompt_cache``: keep a finished request's KV cache, and start a new request whose prompt
+      begins the same way from it (a chat's next turn repeats the conversation so far), as the
+      llama.cpp backend does. Only a whole-model engine whose caches grow with their requests (not
+      the pool of ``cuda_graphs``) keeps them; live and kept sequences together stay within
+      ``serve.max_sequences``, the least recently kept evicted first. On by default.
     """
 
     device: str = field(default="auto", validator=_device_name)
@@ -68,3 +73,4 @@ class TorchSettings:
     cpu_matmul: str = field(default="auto", validator=_one_of(CPU_MATMULS))
     cuda_graphs: bool = True
     quantize: str = field(default="none", validator=_one_of(QUANTIZE))
+    prompt_cache: bool = True

@@ -166,6 +166,40 @@ def test_release_frees_the_cache(engine: Engine, prompts: list[list[int]]) -> No
     anyio.run(engine.release, "y")
     anyio.run(engine.release, "never-seen")
     assert engine.live_sequences == 0 and engine.cache_bytes() == 0  # type: ignore[attr-defined]
+    # (kept for a later request that begins the same way: torch.prompt_cache, on by default)
+    assert engine.kept_sequences >= 2 and engine.kept_bytes() >= held  # type: ignore[attr-defined]
+
+
+def test_a_released_cache_is_kept_and_a_prompt_that_begins_the_same_reuses_it(engine: Engine, prompts: list[list[int]]) -> None:
+    answer = greedy(engine, prompts[0], 4, request_id="first turn")  # released at the end: kept
+    follow_up = [*prompts[0], *answer, *prompts[1]]
+    cached = anyio.run(engine.reuse, "next turn", follow_up)  # type: ignore[attr-defined]
+    assert cached == len(prompts[0]) + len(answer)  # the first turn's prompt and answer
+    (reused,) = anyio.run(engine.step, [SequenceChunk("next turn", cached, follow_up[cached:])])
+    (whole,) = anyio.run(engine.step, [SequenceChunk("computed whole", 0, follow_up)])
+    np.testing.assert_allclose(reused.logits, whole.logits, atol=1e-3 * np.abs(whole.logits).max(), rtol=0)
+    # another conversation shares only the template's first tokens: no kept cache is cut for those
+    assert engine.tokenizer is not None
+    other = engine.tokenizer.encode("<|im_start|>user\nWhich planet is the largest?<|im_end|>\n")
+    assert anyio.run(engine.reuse, "other", other) == 0  # type: ignore[attr-defined]
+    # live and kept sequences stay within max_sequences (4): new ones evict the least recently kept
+    for rid in ("next turn", "computed whole"):
+        anyio.run(engine.release, rid)
+    anyio.run(engine.step, [SequenceChunk(f"new {i}", 0, prompts[i % 2]) for i in range(3)])
+    assert (engine.live_sequences, engine.kept_sequences) == (3, 1)  # type: ignore[attr-defined]
+    for i in range(3):
+        anyio.run(engine.release, f"new {i}")
+    assert (engine.live_sequences, engine.kept_sequences) == (0, 4)  # type: ignore[attr-defined]
+
+
+def test_a_stage_of_a_pipeline_keeps_no_cache(card: ModelCard, prompts: list[list[int]]) -> None:
+    first = _load(card, ShardRange(0, 10, card.n_layers))
+    try:
+        anyio.run(first.step, [SequenceChunk("x", 0, prompts[0])])
+        anyio.run(first.release, "x")
+        assert first.kept_sequences == 0 and anyio.run(first.reuse, "y", prompts[0]) == 0  # type: ignore[attr-defined]
+    finally:
+        anyio.run(first.close)
 
 
 def test_a_third_of_the_layers_holds_a_third_of_the_blocks(card: ModelCard, engine: Engine) -> None:
