@@ -26,8 +26,6 @@ S = TypeVar("S")  # a backend's settings class
 K = TypeVar("K")  # what an engine names its kept caches by
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from skulk_core.sampling import SampledToken, Sampler
 
 

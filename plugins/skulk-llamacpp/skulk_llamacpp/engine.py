@@ -40,8 +40,8 @@ from skulk_core import (
     SequenceChunk,
     ShardRange,
     StageOutput,
-    compute_thread,
     best_kept,
+    compute_thread,
     score_token,
 )
 

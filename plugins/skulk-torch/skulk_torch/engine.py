@@ -34,9 +34,9 @@ from skulk_core import (
     ShardRange,
     StageOutput,
     Tensor,
+    best_kept,
     compute_thread,
     draw_outputs,
-    best_kept,
     score_token,
 )
 
