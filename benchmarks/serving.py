@@ -547,27 +547,19 @@ class RawEngine:
         import numpy as np
 
         self.llama_cpp, self.np = llama_cpp, np
-        llama_cpp.llama_backend_init()
-        llama_cpp.llama_log_set(_quiet_llama_log(), None)
         from skulk_llamacpp.engine import _GGML_TYPES
-        from skulk_llamacpp.native import amx_kernels_built
+        from skulk_llamacpp.native import LoadedModel
         from skulk_llamacpp.settings import LlamaCppSettings
 
-        model_params = llama_cpp.llama_model_default_params()
-        model_params.use_extra_bufts = not amx_kernels_built()  # as the engine loads it
-        self.model = llama_cpp.llama_model_load_from_file(str(model).encode(), model_params)
-        if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {model}")
-        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        engine = LlamaCppSettings()  # what skulk's engine runs with unless configured otherwise
+        self.loaded = LoadedModel(model, engine)  # loaded as the engine loads it (its logs go to logging)
+        self.model, self.vocab, self.n_vocab = self.loaded.ptr, self.loaded.vocab, self.loaded.n_vocab
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = context * sequences
         params.n_seq_max = sequences
         params.n_batch = params.n_ubatch = 512
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = False
-
-        engine = LlamaCppSettings()  # what skulk's engine runs with unless configured otherwise
         params.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if engine.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
@@ -651,20 +643,7 @@ class RawEngine:
     def close(self) -> None:
         self.llama_cpp.llama_batch_free(self.batch)
         self.llama_cpp.llama_free(self.ctx)
-        self.llama_cpp.llama_model_free(self.model)
-
-
-_LOG_CALLBACK: Any = None
-
-
-def _quiet_llama_log() -> Any:
-    """A llama.cpp log callback that drops everything (its load log would bury the table)."""
-    global _LOG_CALLBACK
-    import llama_cpp
-
-    if _LOG_CALLBACK is None:
-        _LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
-    return _LOG_CALLBACK
+        self.loaded.free()
 
 
 # -- the run ------------------------------------------------------------------------------------
